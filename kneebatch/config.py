@@ -1,0 +1,118 @@
+"""The extraction settings: one frozen object, validated once, hashed for resume and provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from enum import Enum
+
+LAYERS = (
+    "denseblock1",
+    "transition1",
+    "denseblock2",
+    "transition2",
+    "denseblock3",
+    "transition3",
+    "denseblock4",
+    "norm5",
+)
+DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
+REGIONS = ("tibia", "femur", "background")
+PAIRS = (("tibia", "femur"), ("tibia", "background"), ("femur", "background"))
+LABELS = {"tibia": 1, "femur": 2}
+
+
+class CropMode(str, Enum):
+    """How each region is cut out of the volume before the forward pass."""
+
+    BBOX = "bbox"  # tibia/femur: label bounding box; background: the body; both + margin
+    NONE = "none"  # the whole volume (the seed's behaviour)
+
+
+def did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A " Did you mean 'x'?" hint, or an empty string when nothing is close."""
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def parse_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    """Return ``value`` if it is one of ``choices``; else raise ConfigError with a hint."""
+    from kneebatch.errors import ConfigError
+
+    if value not in choices:
+        raise ConfigError(
+            f"Unknown {what} {value!r}; expected one of {', '.join(choices)}."
+            + did_you_mean(value, choices)
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything that changes the numbers a subject gets. Defaults follow DESIGN.md.
+
+    Attributes:
+        spacing_mm: isotropic voxel size to resample to, or None to keep the native grid.
+        crop: region crop mode.
+        hu_min, hu_max: HU window; values outside are clipped (scanner padding such as -3024 HU
+            becomes air). ``hu_min`` is also the value of everything outside a region.
+        mean, std: normalisation after mapping the window to [0, 1].
+        margin_mm: margin around each crop box.
+        body_threshold_hu, body_min_fraction: what counts as the body for the background crop.
+        min_size: every axis is padded with air to at least this many voxels.
+        layers: hooked layers, in network order.
+        resample_mask: put the mask on the CT grid (nearest neighbour) instead of refusing a
+            geometry mismatch.
+    """
+
+    spacing_mm: float | None = 1.0
+    crop: CropMode = CropMode.BBOX
+    hu_min: float = -1000.0
+    hu_max: float = 2000.0
+    mean: float = 0.449
+    std: float = 0.226
+    margin_mm: float = 10.0
+    body_threshold_hu: float = -500.0
+    body_min_fraction: float = 0.1
+    min_size: int = 32
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    resample_mask: bool = False
+
+    def __post_init__(self) -> None:
+        from kneebatch.errors import ConfigError
+
+        if self.spacing_mm is not None and not self.spacing_mm > 0:
+            raise ConfigError(f"spacing must be a positive number of mm or 'native', got "
+                              f"{self.spacing_mm!r}.")
+        if not self.hu_min < self.hu_max:
+            raise ConfigError(f"HU window [{self.hu_min}, {self.hu_max}] is empty.")
+        if self.min_size < 1 or self.margin_mm < 0 or self.std <= 0:
+            raise ConfigError("min_size must be >= 1, margin_mm >= 0 and std > 0.")
+        if not self.layers:
+            raise ConfigError(f"Choose at least one layer from {', '.join(LAYERS)}.")
+        for layer in self.layers:
+            parse_choice(layer, LAYERS, "layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"Layers repeat: {', '.join(self.layers)}.")
+        # Network order, so a given set of layers always hashes and stores the same way.
+        object.__setattr__(self, "layers", tuple(sorted(self.layers, key=LAYERS.index)))
+        object.__setattr__(self, "crop", CropMode(self.crop))
+
+    @property
+    def air_value(self) -> float:
+        """The normalised intensity of air (the window's low end)."""
+        return (0.0 - self.mean) / self.std
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready form (recorded in done.json and run.json)."""
+        d = dataclasses.asdict(self)
+        d["crop"] = self.crop.value
+        d["layers"] = list(self.layers)
+        return d
+
+    def hash(self) -> str:
+        """Short sha256 of the settings; a finished subject is reused only if this matches."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,114 @@
+"""Model stage, part 1: inflate a 2D torchvision network to 3D with a generic module walker.
+
+Conv2d -> Conv3d with kernel (k, kh, kw) where k = kh, the 2D kernel repeated k times along depth and
+divided by k (I3D: a depth-constant input then gives the 2D response); stride, padding and dilation
+taken per axis with the height value reused for depth. BatchNorm2d -> BatchNorm3d with weights and
+running statistics copied. MaxPool2d/AvgPool2d -> 3D with the same kernel/stride/padding on every
+axis. Everything else (ReLU, Sequential, DenseNet's blocks) is kept; their functional calls are
+dimension-agnostic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
+    """(depth, height, width) from a 2D layer's int-or-pair setting, depth taking the height."""
+    h, w = (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+    return (h, h, w)
+
+
+def _conv3d(conv: nn.Conv2d) -> nn.Conv3d:
+    if isinstance(conv.padding, str):
+        raise TypeError(f"string padding {conv.padding!r} is not supported by the inflater")
+    kernel = _triple(conv.kernel_size)
+    out = nn.Conv3d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size=kernel,
+        stride=_triple(conv.stride),
+        padding=_triple(conv.padding),
+        dilation=_triple(conv.dilation),
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    depth = kernel[0]
+    with torch.no_grad():
+        out.weight.copy_(conv.weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth)
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias)
+    return out
+
+
+def _batchnorm3d(bn: nn.BatchNorm2d) -> nn.BatchNorm3d:
+    out = nn.BatchNorm3d(
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+    )
+    out.load_state_dict(bn.state_dict())
+    return out
+
+
+def _pool3d(pool: nn.Module) -> nn.Module:
+    if isinstance(pool, nn.MaxPool2d):
+        return nn.MaxPool3d(
+            pool.kernel_size,  # type: ignore[arg-type]
+            stride=pool.stride,  # type: ignore[arg-type]
+            padding=pool.padding,  # type: ignore[arg-type]
+            dilation=pool.dilation,  # type: ignore[arg-type]
+            ceil_mode=pool.ceil_mode,
+        )
+    assert isinstance(pool, nn.AvgPool2d)
+    return nn.AvgPool3d(
+        pool.kernel_size,  # type: ignore[arg-type]
+        stride=pool.stride,  # type: ignore[arg-type]
+        padding=pool.padding,  # type: ignore[arg-type]
+        ceil_mode=pool.ceil_mode,
+        count_include_pad=pool.count_include_pad,
+    )
+
+
+def _inflate_one(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, nn.Conv2d):
+        return _conv3d(module)
+    if isinstance(module, nn.BatchNorm2d):
+        return _batchnorm3d(module)
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        return _pool3d(module)
+    return None
+
+
+def inflate(module: nn.Module) -> nn.Module:
+    """Replace every 2D layer of ``module`` (in place, recursively) by its 3D counterpart.
+
+    Args:
+        module: a 2D network, e.g. ``torchvision.models.densenet121()``.
+
+    Returns:
+        The same object, now taking (N, C, D, H, W) input.
+    """
+    for name, child in module.named_children():
+        replacement = _inflate_one(child)
+        if replacement is None:
+            inflate(child)
+        else:
+            setattr(module, name, replacement)
+    return module
+
+
+def collapse_input_channels(conv: nn.Conv2d | nn.Conv3d) -> None:
+    """Make ``conv`` take one channel by summing its kernels over the input channels (in place).
+
+    A gray image fed to all three RGB channels gives the same output as the summed kernel on the gray
+    image alone, so ImageNet weights keep their meaning on CT.
+    """
+    with torch.no_grad():
+        summed = conv.weight.sum(dim=1, keepdim=True)
+    conv.in_channels = 1
+    conv.weight = nn.Parameter(summed)

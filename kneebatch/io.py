@@ -1,0 +1,184 @@
+"""Input stage: read a CT and its label mask, check them, make the orientation canonical.
+
+The only module that calls SimpleITK's readers. Reads NIfTI, NRRD, MHA (anything SimpleITK reads) and
+DICOM series folders. Output is a ``Scan`` of numpy arrays in (z, y, x) order, LPS orientation (x
+toward the patient's left, y posterior, z superior), left knees mirrored along x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from kneebatch.config import ExtractionConfig
+from kneebatch.errors import GeometryError, InputImageError
+from kneebatch.manifest import SubjectSpec
+
+log = logging.getLogger(__name__)
+
+SPACING_TOL_MM = 1e-3  # CT and mask spacings and origins may differ by this much (rounding)
+ORIGIN_TOL_MM = 1e-3
+DIRECTION_TOL = 1e-4
+KNOWN_LABELS = (0, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """A CT and mask on one grid, canonical orientation.
+
+    Attributes:
+        subject_id: the subject.
+        ct_hu: CT in HU, float32, (z, y, x).
+        mask: labels, uint8, (z, y, x): 0 background, 1 tibia, 2 femur.
+        spacing_mm: voxel size (z, y, x).
+        side: ``L``, ``R`` or None; ``L`` has been mirrored along x.
+        source_orientation: the CT's orientation code as read (e.g. ``RAS``).
+    """
+
+    subject_id: str
+    ct_hu: np.ndarray
+    mask: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    side: str | None
+    source_orientation: str
+
+
+def _fail(spec: SubjectSpec, role: str, path: Path, problem: str, fix: str) -> InputImageError:
+    return InputImageError(f"Subject {spec.subject_id}: {role} {path}: {problem}. {fix}")
+
+
+def _read_dicom_folder(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise _fail(spec, role, path, "folder holds no DICOM series",
+                    "Point the manifest at the folder of one DICOM series, or at an image file.")
+    if len(series) > 1:
+        raise _fail(spec, role, path, f"folder holds {len(series)} DICOM series "
+                    f"({', '.join(series)})", "Move each series into its own folder and list the "
+                    "one to use in the manifest.")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+    return reader.Execute()
+
+
+def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
+    """Read one 3D scalar image (file or DICOM series folder).
+
+    Args:
+        spec: the subject (for messages).
+        role: ``CT`` or ``mask`` (for messages).
+        path: the file or folder.
+
+    Raises:
+        InputImageError: missing, empty, unreadable, not 3D or not scalar.
+    """
+    fix_path = "Check the manifest's path (relative paths start at the manifest's folder)."
+    if not path.exists():
+        raise _fail(spec, role, path, "does not exist", fix_path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise _fail(spec, role, path, "is an empty file", "Export the image again.")
+    try:
+        image = _read_dicom_folder(spec, role, path) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise _fail(spec, role, path, f"cannot be read as an image ({first})",
+                    "Give a NIfTI, NRRD, MHA file or a DICOM folder; if it is truncated, copy or "
+                    "export it again.") from exc
+    size = image.GetSize()
+    if image.GetDimension() != 3 or min(size) < 2:
+        raise _fail(spec, role, path, f"is a {image.GetDimension()}D image of size {size}, not a "
+                    "3D volume", "Give the whole 3D scan (one time point, at least 2 slices).")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise _fail(spec, role, path, f"has {image.GetNumberOfComponentsPerPixel()} components per "
+                    "voxel", "Give a scalar (grey-value) image, not RGB or vector data.")
+    return image
+
+
+def _geometry(image: sitk.Image) -> str:
+    return (f"size={image.GetSize()} spacing={tuple(round(s, 5) for s in image.GetSpacing())} "
+            f"origin={tuple(round(o, 4) for o in image.GetOrigin())} "
+            f"direction={tuple(round(d, 4) for d in image.GetDirection())}")
+
+
+def _same_grid(ct: sitk.Image, mask: sitk.Image) -> bool:
+    return (
+        ct.GetSize() == mask.GetSize()
+        and np.allclose(ct.GetSpacing(), mask.GetSpacing(), rtol=0, atol=SPACING_TOL_MM)
+        and np.allclose(ct.GetOrigin(), mask.GetOrigin(), rtol=0, atol=ORIGIN_TOL_MM)
+        and np.allclose(ct.GetDirection(), mask.GetDirection(), rtol=0, atol=DIRECTION_TOL)
+    )
+
+
+def match_mask_grid(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image, resample: bool) -> sitk.Image:
+    """The mask on the CT's grid: as it is if the geometries agree, resampled if asked.
+
+    Raises:
+        GeometryError: the grids differ and ``resample`` is False; both geometries are printed.
+    """
+    if _same_grid(ct, mask):
+        return mask
+    if not resample:
+        raise GeometryError(
+            f"Subject {spec.subject_id}: mask {spec.mask} is not on the CT's voxel grid "
+            f"(tolerance {SPACING_TOL_MM} mm, direction {DIRECTION_TOL}).\n"
+            f"  CT   {spec.ct}: {_geometry(ct)}\n  mask {spec.mask}: {_geometry(mask)}\n"
+            "Fix the mask's header, or pass --resample-mask to put the mask on the CT grid "
+            "(nearest neighbour)."
+        )
+    log.warning("Subject %s: resampling the mask onto the CT grid (nearest neighbour)",
+                spec.subject_id)
+    return sitk.Resample(mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         mask.GetPixelID())
+
+
+def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
+    values = sitk.GetArrayFromImage(mask)
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            raise _fail(spec, "mask", spec.mask, "holds non-integer values (is it a probability "
+                        "map?)", "Give a label image: 0 background, 1 tibia, 2 femur.")
+    if values.min() < 0 or values.max() > 255:
+        raise _fail(spec, "mask", spec.mask, f"holds labels from {values.min()} to {values.max()}",
+                    "Give a label image: 0 background, 1 tibia, 2 femur.")
+    labels = values.astype(np.uint8)
+    unknown = sorted(set(np.unique(labels).tolist()) - set(KNOWN_LABELS))
+    if unknown:
+        log.warning("Subject %s: mask %s holds labels %s besides 0/1/2; those voxels belong to no "
+                    "region (set to air in all three)", spec.subject_id, spec.mask, unknown)
+    return labels
+
+
+def load_scan(spec: SubjectSpec, config: ExtractionConfig) -> Scan:
+    """Read, check and reorient one subject's CT and mask.
+
+    Args:
+        spec: the subject.
+        config: uses ``resample_mask``.
+
+    Returns:
+        The scan in LPS, (z, y, x), left knees mirrored along x.
+
+    Raises:
+        InputImageError, GeometryError: see ``read_image`` and ``match_mask_grid``; also NaN/inf in
+            the CT and non-integer masks.
+    """
+    ct = read_image(spec, "CT", spec.ct)
+    mask = match_mask_grid(spec, ct, read_image(spec, "mask", spec.mask), config.resample_mask)
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.GetDirection())
+    ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
+    mask = sitk.DICOMOrient(mask, "LPS")
+    ct_hu = sitk.GetArrayFromImage(ct)
+    if not np.all(np.isfinite(ct_hu)):
+        bad = int(np.count_nonzero(~np.isfinite(ct_hu)))
+        raise _fail(spec, "CT", spec.ct, f"holds {bad} NaN or infinite voxels",
+                    "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
+    labels = _mask_labels(spec, mask)
+    if spec.side == "L":
+        ct_hu = np.ascontiguousarray(ct_hu[:, :, ::-1])
+        labels = np.ascontiguousarray(labels[:, :, ::-1])
+    sx, sy, sz = ct.GetSpacing()
+    return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation)

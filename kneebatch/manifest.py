@@ -1,0 +1,140 @@
+"""Manifest stage: parse a cohort CSV into checked ``SubjectSpec`` objects before any compute.
+
+Required columns ``subject_id``, ``ct``, ``mask``; optional ``side`` (``L``/``R``/empty); any other
+column is kept and carried into the outputs. Paths are resolved against the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from pathlib import Path
+
+from kneebatch.errors import ManifestError
+
+REQUIRED = ("subject_id", "ct", "mask")
+SIDES = ("L", "R")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectSpec:
+    """One knee to process.
+
+    Attributes:
+        subject_id: unique, safe for a folder name.
+        ct: CT file or DICOM series folder (absolute).
+        mask: label mask file (absolute); tibia = 1, femur = 2, background = 0.
+        side: ``L`` (mirrored to look like a right knee), ``R`` or None (unknown; not mirrored).
+        extra: the manifest's other columns, carried into the outputs.
+    """
+
+    subject_id: str
+    ct: Path
+    mask: Path
+    side: str | None = None
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def check_subject_id(subject_id: str, where: str = "") -> str:
+    """Return ``subject_id`` if it is safe as a folder name, else raise ManifestError."""
+    if not subject_id or subject_id in (".", "..") or not _SAFE_ID.match(subject_id):
+        raise ManifestError(
+            f"{where}subject id {subject_id!r} is not allowed: use letters, digits, '.', '_' and "
+            "'-' only (no '/', spaces or '..'), e.g. 'knee_001'."
+        )
+    return subject_id
+
+
+def check_side(side: str | None, where: str = "") -> str | None:
+    """Normalise a side value (``L``, ``R``, empty/None); raise ManifestError otherwise."""
+    if side is None or side.strip() == "":
+        return None
+    value = side.strip().upper()
+    if value not in SIDES:
+        raise ManifestError(f"{where}side {side!r} is not allowed: use L, R or leave it empty.")
+    return value
+
+
+def _row_problems(row: dict[str, str], line: int, folder: Path) -> tuple[SubjectSpec | None, list[str]]:
+    where = f"row {line}: "
+    problems = []
+    values = {k: (v or "").strip() for k, v in row.items() if k is not None}
+    if None in row:
+        problems.append(f"{where}more fields than header columns; quote paths that hold commas.")
+    sid = values.get("subject_id", "")
+    try:
+        check_subject_id(sid, where)
+    except ManifestError as exc:
+        problems.append(exc.message)
+    try:
+        side = check_side(values.get("side"), where)
+    except ManifestError as exc:
+        problems.append(exc.message)
+        side = None
+    for column in ("ct", "mask"):
+        if not values.get(column):
+            problems.append(f"{where}column {column!r} is empty; give the {column} file path.")
+    if problems:
+        return None, problems
+    extra = {k: v for k, v in values.items() if k not in (*REQUIRED, "side")}
+    spec = SubjectSpec(
+        subject_id=sid,
+        ct=(folder / values["ct"]).resolve(),
+        mask=(folder / values["mask"]).resolve(),
+        side=side,
+        extra=extra,
+    )
+    return spec, []
+
+
+def read_manifest(path: Path) -> list[SubjectSpec]:
+    """Parse and check a manifest; every problem of every row is reported at once.
+
+    Args:
+        path: the CSV (UTF-8, a BOM is accepted).
+
+    Returns:
+        One spec per row, in file order; fully empty rows are skipped.
+
+    Raises:
+        ManifestError: listing every problem found (missing columns, bad or duplicate ids, ...).
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"Cannot read manifest {path}: {exc}. Give a UTF-8 CSV file.") from exc
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise ManifestError(
+            f"Manifest {path} lacks column(s) {', '.join(missing)}; its header is {header}. "
+            "The first line must name at least: subject_id,ct,mask (optional: side, any others)."
+        )
+    reader.fieldnames = header
+    specs: list[SubjectSpec] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(reader, start=2):
+        if all(not (v or "").strip() for k, v in row.items() if k is not None) and None not in row:
+            continue
+        spec, row_problems = _row_problems(row, line, path.parent.resolve())
+        problems.extend(row_problems)
+        if spec is None:
+            continue
+        if spec.subject_id in seen:
+            problems.append(
+                f"row {line}: subject id {spec.subject_id!r} repeats row {seen[spec.subject_id]}; "
+                "subject ids must be unique."
+            )
+            continue
+        seen[spec.subject_id] = line
+        specs.append(spec)
+    if problems:
+        raise ManifestError(f"Manifest {path} has {len(problems)} problem(s):\n  " +
+                            "\n  ".join(problems))
+    if not specs:
+        raise ManifestError(f"Manifest {path} lists no subjects; add one row per knee.")
+    return specs

@@ -1,0 +1,237 @@
+"""Model stage, part 2: build, save and load the inflated DenseNet121 (its ``features`` part).
+
+``build_model`` makes the 3D network from ImageNet weights (torchvision's download and cache), a local
+torchvision ``.pth`` or seeded random weights. ``save_model`` writes its state dict and a sidecar JSON
+(sha256, weights source, versions); compute nodes only ever ``load_model`` that file, with
+``weights_only=True`` and the sha256 checked. ``get_model`` caches one copy per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import DenseNet121_Weights, densenet121
+
+from kneebatch import __version__
+from kneebatch.errors import WeightsError
+from kneebatch.inflate import collapse_input_channels, inflate
+
+ARCHITECTURE = "densenet121-inflated-3d-1ch"
+# Old torchvision checkpoints name DenseNet's layers "norm.1"; torchvision renames them on load, and
+# so must we for a .pth given by path.
+_OLD_KEYS = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What produced a model file: recorded in every output."""
+
+    sha256: str
+    weights: str
+    torch: str
+    torchvision: str
+    kneebatch: str
+    architecture: str = ARCHITECTURE
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """The 3D network (``densenet121().features``, inflated, eval mode) and its provenance."""
+
+    network: nn.Sequential
+    info: ModelInfo
+
+
+def _architecture() -> nn.Sequential:
+    """The 3D network with untouched (random) weights; its state dict is what model files hold."""
+    with torch.random.fork_rng(devices=[]):
+        features = densenet121(weights=None).features
+        inflate(features)
+    collapse_input_channels(features.conv0)
+    return features.eval()
+
+
+def _rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        match = _OLD_KEYS.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
+
+
+def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
+    if weights == "imagenet":
+        try:
+            return densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1), "imagenet:IMAGENET1K_V1"
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise WeightsError(
+                "Could not download torchvision's ImageNet DenseNet121 weights "
+                f"({type(exc).__name__}: {exc}). This machine seems to have no internet. Either "
+                "build the model on a machine with internet (`kneebatch build-model --weights "
+                "imagenet --out model3d_state_dict.pth`) and copy the .pth and its .json here, or "
+                "pass a downloaded torchvision checkpoint: `--weights /path/densenet121-a639ec97.pth`"
+                f" (torchvision's cache is {torch.hub.get_dir()}/checkpoints)."
+            ) from exc
+    if weights == "random":
+        torch.manual_seed(seed)  # build_model runs this inside fork_rng
+        return densenet121(weights=None), f"random:seed={seed}"
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(
+            f"--weights {weights!r} is neither 'imagenet', 'random' nor an existing file. "
+            "Give the path of a torchvision DenseNet121 checkpoint (.pth)."
+        )
+    net = densenet121(weights=None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(_rename_old_keys(state))
+    except Exception as exc:  # torch raises many types for a bad checkpoint
+        raise WeightsError(
+            f"Could not load DenseNet121 weights from {path}: {str(exc)[:300]}. Expected a torchvision "
+            "densenet121 state dict such as torchvision's densenet121-a639ec97.pth."
+        ) from exc
+    return net, f"file:{path.name}:sha256={_sha256(path)[:16]}"
+
+
+def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequential, str]:
+    """Build the inflated 3D network.
+
+    Args:
+        weights: ``imagenet`` (torchvision's standard download/cache), ``random`` (seeded; for
+            tests and offline demos only) or the path of a torchvision densenet121 ``.pth``.
+        seed: seed of the random weights.
+
+    Returns:
+        The network (eval mode) and a string naming the weights that produced it.
+
+    Raises:
+        WeightsError: the weights cannot be downloaded or loaded.
+    """
+    # Building layers draws random initial weights; keep the caller's random stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        net2d, source = _load_2d(weights, seed)
+        features = net2d.features
+        inflate(features)
+    collapse_input_channels(features.conv0)
+    return features.eval(), source
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar_path(path: Path) -> Path:
+    """The JSON beside a model file."""
+    return path.with_suffix(".json")
+
+
+def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo:
+    """Write the state dict and its sidecar JSON (each to a temporary name, then renamed).
+
+    Returns:
+        The provenance written to the sidecar.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(network.state_dict(), tmp)
+    info = ModelInfo(
+        sha256=_sha256(tmp),
+        weights=weights_source,
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        kneebatch=__version__,
+    )
+    side = sidecar_path(path)
+    side_tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    side_tmp.write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
+    return info
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """The sidecar of a model file, checked against the file's sha256.
+
+    Raises:
+        WeightsError: the file or sidecar is missing, or the sha256 does not match.
+    """
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"Model file {path} does not exist. Build it once with `kneebatch build-model --out "
+            f"{path}` (or set $KNEEBATCH_MODEL / --model to where it is)."
+        )
+    try:
+        info = ModelInfo(**json.loads(side.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise WeightsError(
+            f"Model sidecar {side} is missing or unreadable ({exc}). Rebuild the model with "
+            f"`kneebatch build-model --out {path}`; it writes both files."
+        ) from exc
+    actual = _sha256(path)
+    if actual != info.sha256:
+        raise WeightsError(
+            f"Model file {path} has sha256 {actual[:16]}..., but its sidecar {side.name} says "
+            f"{info.sha256[:16]}...: the file was changed or partly copied. Copy it again or "
+            "rebuild it with `kneebatch build-model`."
+        )
+    return info
+
+
+def load_model(path: Path) -> LoadedModel:
+    """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked)."""
+    info = read_model_info(path)
+    network = _architecture()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except Exception as exc:  # torch raises many types for a bad checkpoint
+        raise WeightsError(
+            f"Model file {path} is not a kneebatch {ARCHITECTURE} state dict ({str(exc)[:300]}). "
+            "Rebuild it "
+            "with `kneebatch build-model`."
+        ) from exc
+    for param in network.parameters():
+        param.requires_grad_(False)
+    return LoadedModel(network=network.eval(), info=info)
+
+
+_loads = 0
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path: str, mtime_ns: int) -> LoadedModel:
+    global _loads
+    _loads += 1
+    return load_model(Path(path))
+
+
+def get_model(path: Path) -> LoadedModel:
+    """The model of ``path``, loaded once per process and reused (reloaded if the file changes)."""
+    resolved = path.resolve()
+    try:
+        mtime_ns = resolved.stat().st_mtime_ns
+    except OSError:
+        mtime_ns = -1  # load_model raises the helpful error
+    return _cached(str(resolved), mtime_ns)
+
+
+def model_loads() -> int:
+    """How many times this process has loaded a model file through ``get_model``."""
+    return _loads

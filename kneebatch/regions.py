@@ -1,0 +1,137 @@
+"""Regions stage: HU window, resample, split by label, crop, pad.
+
+Input is a ``Scan`` (z, y, x) in HU; output is one normalised float32 volume per region, ready for
+the network, plus the crop boxes (for QC and provenance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from kneebatch.config import LABELS, REGIONS, CropMode, ExtractionConfig
+from kneebatch.errors import RegionError
+from kneebatch.io import Scan
+
+Box = tuple[slice, slice, slice]
+
+
+@dataclasses.dataclass(frozen=True)
+class Regions:
+    """What the network sees for one subject.
+
+    Attributes:
+        volumes: region name -> normalised float32 volume (z, y, x), outside-region voxels air.
+        boxes: region name -> ((z0, z1), (y0, y1), (x0, x1)) crop box on the resampled grid.
+        spacing_mm: voxel size of the volumes (z, y, x).
+        grid_shape: shape of the resampled (uncropped) volume (z, y, x).
+    """
+
+    volumes: dict[str, np.ndarray]
+    boxes: dict[str, tuple[tuple[int, int], ...]]
+    spacing_mm: tuple[float, float, float]
+    grid_shape: tuple[int, int, int]
+
+
+def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float,
+              interpolator: int, default: float) -> np.ndarray:
+    """Resample a (z, y, x) array to isotropic ``target_mm``, keeping the field of view."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(reversed(spacing_mm)))  # SimpleITK order is (x, y, z)
+    old_spacing = np.array(image.GetSpacing())
+    new_spacing = np.full(3, target_mm)
+    new_size = [max(1, round(n * s / target_mm)) for n, s in zip(image.GetSize(), old_spacing)]
+    origin = np.array(image.GetOrigin()) + 0.5 * (new_spacing - old_spacing)
+    out = sitk.Resample(image, new_size, sitk.Transform(), interpolator, origin.tolist(),
+                        new_spacing.tolist(), image.GetDirection(), default, image.GetPixelID())
+    return sitk.GetArrayFromImage(out)
+
+
+def _bbox(found: np.ndarray, margin: tuple[int, ...]) -> Box:
+    """Bounding box of the True voxels, grown by ``margin`` voxels and clipped to the volume."""
+    box = []
+    for axis, pad in enumerate(margin):
+        other = tuple(a for a in range(found.ndim) if a != axis)
+        hits = np.flatnonzero(found.any(axis=other))
+        box.append(slice(max(0, hits[0] - pad), min(found.shape[axis], hits[-1] + 1 + pad)))
+    return (box[0], box[1], box[2])
+
+
+def body_mask(ct_hu: np.ndarray, threshold_hu: float, min_fraction: float) -> np.ndarray:
+    """Voxels of the connected components above ``threshold_hu`` that hold at least
+    ``min_fraction`` of the largest one's voxels (both legs stay; couch and specks go)."""
+    components, count = ndimage.label(ct_hu > threshold_hu)
+    if count == 0:
+        return np.zeros(ct_hu.shape, dtype=bool)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_fraction * sizes.max()
+    keep[0] = False
+    return keep[components]
+
+
+def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
+    widths = [((max(0, min_size - n) // 2), max(0, min_size - n) - max(0, min_size - n) // 2)
+              for n in volume.shape]
+    if not any(a or b for a, b in widths):
+        return volume
+    return np.pad(volume, widths, constant_values=air)
+
+
+def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
+    """Split a scan into the three network inputs.
+
+    Args:
+        scan: CT (HU) and mask, (z, y, x).
+        config: window, spacing, crop, margin, padding settings.
+
+    Returns:
+        The region volumes and their crop boxes.
+
+    Raises:
+        RegionError: tibia or femur (or background) has no voxels.
+    """
+    ct = np.clip(scan.ct_hu, config.hu_min, config.hu_max)
+    mask = scan.mask
+    spacing = scan.spacing_mm
+    if config.spacing_mm is not None:
+        ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min)
+        mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
+        spacing = (config.spacing_mm,) * 3
+    members = {name: mask == label for name, label in LABELS.items()}
+    members["background"] = mask == 0
+    for name in REGIONS:
+        if not members[name].any():
+            label = LABELS.get(name, 0)
+            raise RegionError(
+                f"Subject {scan.subject_id}: the mask has no {name} voxels (label {label}) "
+                f"on the {'resampled' if config.spacing_mm else 'native'} grid. Check the "
+                "segmentation (tibia = 1, femur = 2, background = 0) or drop the subject."
+            )
+    full: Box = (slice(None), slice(None), slice(None))
+    boxes: dict[str, Box] = dict.fromkeys(REGIONS, full)
+    if config.crop is CropMode.BBOX:
+        margin = tuple(math.ceil(config.margin_mm / s) for s in spacing)
+        boxes = {name: _bbox(members[name], margin) for name in LABELS}
+        body = body_mask(ct, config.body_threshold_hu, config.body_min_fraction)
+        boxes["background"] = _bbox(body, margin) if body.any() else full
+    scale = 1.0 / ((config.hu_max - config.hu_min) * config.std)
+    offset = -config.hu_min * scale - config.mean / config.std
+    air = config.air_value
+    volumes = {}
+    for name in REGIONS:
+        box = boxes[name]
+        volume = ct[box] * np.float32(scale) + np.float32(offset)
+        volume[~members[name][box]] = air
+        volumes[name] = _pad(volume.astype(np.float32, copy=False), config.min_size, air)
+    shape = ct.shape
+    return Regions(
+        volumes=volumes,
+        boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], shape)) for n in REGIONS},
+        spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        grid_shape=(shape[0], shape[1], shape[2]),
+    )

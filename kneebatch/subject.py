@@ -1,0 +1,169 @@
+"""Subject stage: one knee from CT + mask to vectors, similarities and files.
+
+``process_subject`` is a pure function of (spec, config, model file, output folder): no globals
+besides the per-process model cache, no dask, so ``kneebatch extract``, a dask worker and a SLURM array
+task all run the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneebatch import __version__
+from kneebatch.config import REGIONS, ExtractionConfig
+from kneebatch.errors import KneebatchError
+from kneebatch.features import extract_features
+from kneebatch.io import load_scan
+from kneebatch.manifest import SubjectSpec
+from kneebatch.model import LoadedModel, get_model
+from kneebatch.regions import make_regions
+from kneebatch.similarity import SimilarityRow, similarities
+from kneebatch.store import write_subject
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectResult:
+    """One knee's features, in memory.
+
+    Attributes:
+        subject_id: the subject.
+        vectors: region -> layer -> float32 vector.
+        rows: cosine similarities, layer by layer, pairs in DESIGN.md's order.
+        timings_s: seconds per stage (read, preprocess, forward.<region>, ...).
+        shapes: region -> (z, y, x) shape fed to the network.
+        boxes: region -> crop box on the resampled grid.
+        spacing_mm: voxel size fed to the network (z, y, x).
+        side: the knee's side as given.
+    """
+
+    subject_id: str
+    vectors: dict[str, dict[str, np.ndarray]]
+    rows: list[SimilarityRow]
+    timings_s: dict[str, float]
+    shapes: dict[str, tuple[int, ...]]
+    boxes: dict[str, tuple[tuple[int, int], ...]]
+    spacing_mm: tuple[float, float, float]
+    side: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectOutcome:
+    """What a worker reports back for one subject (small; the data is on disk)."""
+
+    subject_id: str
+    ok: bool
+    error: str | None = None
+    stage: str | None = None
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedModel, *,
+                    stage: list[str] | None = None) -> SubjectResult:
+    """Read, split, run and compare one knee, in memory.
+
+    Args:
+        spec: the subject.
+        config: extraction settings.
+        model: the loaded 3D network.
+        stage: if given, its last element is kept set to the running stage (for failure reports).
+
+    Raises:
+        KneebatchError: bad input (file, geometry, labels).
+    """
+    track = stage if stage is not None else []
+    timings: dict[str, float] = {}
+    track.append("read")
+    start = time.perf_counter()
+    scan = load_scan(spec, config)
+    timings["read"] = time.perf_counter() - start
+    track.append("preprocess")
+    start = time.perf_counter()
+    regions = make_regions(scan, config)
+    del scan
+    timings["preprocess"] = time.perf_counter() - start
+    vectors = {}
+    for region in REGIONS:
+        track.append(f"forward.{region}")
+        vectors[region], timings[f"forward.{region}"] = extract_features(
+            model.network, regions.volumes[region], config.layers)
+        log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region,
+                  regions.volumes[region].shape, timings[f"forward.{region}"])
+    track.append("similarity")
+    rows = similarities(spec.subject_id, vectors, config.layers)
+    return SubjectResult(
+        subject_id=spec.subject_id,
+        vectors=vectors,
+        rows=rows,
+        timings_s=timings,
+        shapes={r: tuple(v.shape) for r, v in regions.volumes.items()},
+        boxes=regions.boxes,
+        spacing_mm=regions.spacing_mm,
+        side=spec.side,
+    )
+
+
+def _done_record(result: SubjectResult, config: ExtractionConfig,
+                 model: LoadedModel) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    return {
+        "subject_id": result.subject_id,
+        "config_hash": config.hash(),
+        "config": config.to_dict(),
+        "model_sha256": model.info.sha256,
+        "weights": model.info.weights,
+        "versions": {"kneebatch": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__},
+        "side": result.side,
+        "spacing_mm": list(result.spacing_mm),
+        "shapes": {r: list(s) for r, s in result.shapes.items()},
+        "boxes": {r: [list(b) for b in box] for r, box in result.boxes.items()},
+        "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Path,
+                    out: Path) -> SubjectOutcome:
+    """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
+
+    Args:
+        spec: the subject.
+        config: extraction settings.
+        model_path: model file from ``kneebatch build-model`` (loaded once per process).
+        out: the run's output folder.
+
+    Returns:
+        ``ok=True`` with timings, or ``ok=False`` with the error message and the stage it
+        happened in; nothing is written for a failed subject.
+    """
+    stage = ["model"]
+    start = time.perf_counter()
+    try:
+        model = get_model(model_path)
+        result = compute_subject(spec, config, model, stage=stage)
+        stage.append("write")
+        done = _done_record(result, config, model)
+        timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done, start)
+    except KneebatchError as exc:
+        log.error("Subject %s failed at %s: %s", spec.subject_id, stage[-1], exc.message)
+        return SubjectOutcome(spec.subject_id, False, exc.message, stage[-1])
+    except Exception as exc:  # one subject's surprise must not stop the cohort
+        log.error("Subject %s failed at %s with an unexpected error:\n%s", spec.subject_id,
+                  stage[-1], traceback.format_exc())
+        message = (f"Subject {spec.subject_id}: unexpected {type(exc).__name__}: {exc}. This is "
+                   "probably a kneebatch bug; please report it with the log.")
+        return SubjectOutcome(spec.subject_id, False, message, stage[-1])
+    log.info("Subject %s finished in %.1f s", spec.subject_id, timings["total"])
+    return SubjectOutcome(spec.subject_id, True, timings_s=timings)

@@ -1,0 +1,109 @@
+"""Model files: build, save, load with weights_only, sha256 check, helpful weight errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import densenet121
+
+from kneebatch.errors import WeightsError
+from kneebatch.model import build_model, get_model, load_model, model_loads, save_model
+
+
+def test_saved_model_loads_back_identically(tmp_path: Path) -> None:
+    network, source = build_model(weights="random", seed=3)
+    path = tmp_path / "m.pth"
+    info = save_model(network, source, path)
+    loaded = load_model(path)
+    assert loaded.info == info and info.weights == "random:seed=3"
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["sha256"] == info.sha256 and side["torch"] == torch.__version__
+    for (k1, v1), (k2, v2) in zip(network.state_dict().items(), loaded.network.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    assert not any(p.requires_grad for p in loaded.network.parameters())
+
+
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = build_model(weights="random", seed=1)
+    after = torch.rand(1)
+    b, _ = build_model(weights="random", seed=1)
+    c, _ = build_model(weights="random", seed=2)
+    assert torch.equal(before, after)
+    assert torch.equal(a.conv0.weight, b.conv0.weight)
+    assert not torch.equal(a.conv0.weight, c.conv0.weight)
+
+
+def test_a_changed_model_file_is_refused(tmp_path: Path) -> None:
+    network, source = build_model(weights="random", seed=0)
+    path = tmp_path / "m.pth"
+    save_model(network, source, path)
+    with path.open("r+b") as fh:
+        fh.seek(-10, 2)
+        fh.write(b"0123456789")
+    with pytest.raises(WeightsError, match="sha256"):
+        load_model(path)
+
+
+def test_a_model_without_sidecar_is_refused(tmp_path: Path) -> None:
+    network, source = build_model(weights="random", seed=0)
+    path = tmp_path / "m.pth"
+    save_model(network, source, path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(WeightsError, match="build-model"):
+        load_model(path)
+
+
+def test_missing_model_file_says_how_to_build_one(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="kneebatch build-model"):
+        load_model(tmp_path / "nope.pth")
+
+
+def test_imagenet_without_internet_says_what_to_do(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a closed port: fails at once
+    with pytest.raises(WeightsError, match="--weights /path/densenet121") as info:
+        build_model(weights="imagenet")
+    assert "internet" in info.value.message
+
+
+def test_local_torchvision_checkpoint_with_old_key_names(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    net2d = densenet121(weights=None)
+    # torchvision's published file uses the old "norm.1" names; accept them as torchvision does
+    old = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v
+           for k, v in net2d.state_dict().items() if "num_batches_tracked" not in k}
+    assert any(".norm.1." in k for k in old)
+    path = tmp_path / "densenet121-local.pth"
+    torch.save(old, path)
+    network, source = build_model(weights=str(path))
+    assert source.startswith("file:densenet121-local.pth")
+    assert torch.allclose(network.conv0.weight[:, 0].sum(dim=1),
+                          net2d.features.conv0.weight.sum(dim=1), atol=1e-5)
+    layer3d = network.denseblock1.denselayer1
+    layer2d = net2d.features.denseblock1.denselayer1
+    assert torch.equal(layer3d.norm1.weight, layer2d.norm1.weight)
+    assert torch.allclose(layer3d.conv2.weight.sum(dim=2), layer2d.conv2.weight, atol=1e-6)
+
+
+def test_bad_weights_value_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="neither 'imagenet', 'random'"):
+        build_model(weights="imagnet")
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="torchvision densenet121 state dict"):
+        build_model(weights=str(bad))
+
+
+def test_get_model_loads_once_per_process(model_path: Path) -> None:
+    first = get_model(model_path)
+    loads = model_loads()
+    assert get_model(model_path) is first
+    assert model_loads() == loads
