@@ -8,7 +8,11 @@ toward the patient's left, y posterior, z superior), left knees mirrored along x
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
+import math
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +69,61 @@ def _read_dicom_folder(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def _gzip_trailer_size(path: Path) -> int:
+    """The gzip trailer's ISIZE: the uncompressed size mod 2**32 (of the last member)."""
+    with path.open("rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return int.from_bytes(fh.read(4), "little")
+
+
+def _nifti_data(path: Path, offset: int) -> tuple[bytes, str] | None:
+    """The voxel bytes of a NIfTI file and their byte order (None if the gzip stream is damaged)."""
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            header_size = int.from_bytes(fh.read(4), "little")  # 348 (NIfTI-1) or 540 (NIfTI-2)
+            fh.seek(offset)
+            return fh.read(), "<" if header_size in (348, 540) else ">"
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _check_nifti(spec: SubjectSpec, role: str, path: Path) -> None:
+    """Checks ITK's NIfTI reader skips: it reads a truncated file without complaint (the missing
+    voxels become 0) and turns NaN and inf into 0."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+        voxels = math.prod(int(meta[f"dim[{i}]"]) for i in range(1, int(meta["dim[0]"]) + 1))
+        offset, datatype = int(float(meta["vox_offset"])), int(meta["datatype"])
+        expected = voxels * int(meta["bitpix"]) // 8
+    except (RuntimeError, KeyError, ValueError):
+        return  # unreadable headers are reported by the full read
+    floats = {16: "f4", 64: "f8"}.get(datatype)
+    data = None
+    if path.name.endswith(".gz"):
+        if floats or _gzip_trailer_size(path) != (offset + expected) % 2**32:
+            data = _nifti_data(path, offset)  # damaged, multi-member, or float data to scan
+            complete = data is not None and len(data[0]) >= expected
+        else:
+            complete = True
+    else:
+        complete = path.stat().st_size >= offset + expected
+        if floats and complete:
+            data = _nifti_data(path, offset)
+    if not complete:
+        raise _fail(spec, role, path, "is truncated (it holds less voxel data than its header "
+                    "promises)", "Copy or export the file again.")
+    if floats and data is not None:
+        values = np.frombuffer(data[0], dtype=data[1] + floats, count=voxels)
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise _fail(spec, role, path, f"holds {bad} NaN or infinite voxels",
+                        "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
+
+
 def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     """Read one 3D scalar image (file or DICOM series folder).
 
@@ -81,6 +140,8 @@ def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
         raise _fail(spec, role, path, "does not exist", fix_path)
     if path.is_file() and path.stat().st_size == 0:
         raise _fail(spec, role, path, "is an empty file", "Export the image again.")
+    if path.name.endswith((".nii", ".nii.gz")):
+        _check_nifti(spec, role, path)
     try:
         image = _read_dicom_folder(spec, role, path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -1,0 +1,214 @@
+"""Reading CT and mask: formats, orientation, mirroring, geometry checks and bad files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from kneebatch.config import ExtractionConfig
+from kneebatch.errors import GeometryError, InputImageError
+from kneebatch.io import load_scan
+from kneebatch.manifest import SubjectSpec
+from kneebatch.phantom import make_phantom
+
+from .conftest import SMALL_SHAPE, SMALL_SPACING
+
+CONFIG = ExtractionConfig()
+
+
+def _phantom() -> tuple[sitk.Image, sitk.Image]:
+    ct, mask, _ = make_phantom(SMALL_SHAPE, SMALL_SPACING, seed=4, side="R")
+    return sitk.DICOMOrient(ct, "LPS"), sitk.DICOMOrient(mask, "LPS")
+
+
+def _spec(ct: Path, mask: Path, side: str | None = None) -> SubjectSpec:
+    return SubjectSpec("s1", ct, mask, side)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "slice ") -> None:
+    """One file per slice, with the position and orientation tags a scanner writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (*direction[0:7:3], *direction[1:8:3]))
+    series_uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(str(folder))) % 10**12)
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": series_uid + ".1", "0020|000e": series_uid,
+            "0020|0037": orientation, "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0008|0018": f"{series_uid}.{k + 10}",
+        }.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
+        writer.Execute(sl)
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".nrrd", ".mha", "dicom"],
+                         ids=["nii", "nii.gz", "nrrd", "mha", "dicom-folder-with-spaces"])
+def test_every_format_gives_the_same_scan(tmp_path: Path, ext: str) -> None:
+    ct, mask = _phantom()
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    sitk.WriteImage(ct, str(ref_dir / "ct.mha"))
+    sitk.WriteImage(mask, str(ref_dir / "mask.mha"))
+    reference = load_scan(_spec(ref_dir / "ct.mha", ref_dir / "mask.mha"), CONFIG)
+    if ext == "dicom":
+        ct_path = tmp_path / "my series"
+        write_dicom_series(sitk.Cast(ct, sitk.sitkInt16), ct_path)
+    else:
+        ct_path = tmp_path / f"ct{ext}"
+        sitk.WriteImage(ct, str(ct_path))
+    mask_path = tmp_path / f"mask{'.nrrd' if ext == 'dicom' else ext}"
+    sitk.WriteImage(mask, str(mask_path))
+    scan = load_scan(_spec(ct_path, mask_path), CONFIG.__class__(resample_mask=ext == "dicom"))
+    np.testing.assert_array_equal(scan.ct_hu, reference.ct_hu)
+    np.testing.assert_array_equal(scan.mask, reference.mask)
+    np.testing.assert_allclose(scan.spacing_mm, SMALL_SPACING, atol=1e-4)
+
+
+def test_orientation_is_made_canonical(tmp_path: Path) -> None:
+    ct, mask = _phantom()
+    for code in ("LPS", "RAS", "PIL"):
+        sitk.WriteImage(sitk.DICOMOrient(ct, code), str(tmp_path / f"ct_{code}.nii.gz"))
+        sitk.WriteImage(sitk.DICOMOrient(mask, code), str(tmp_path / f"mask_{code}.nii.gz"))
+    scans = {c: load_scan(_spec(tmp_path / f"ct_{c}.nii.gz", tmp_path / f"mask_{c}.nii.gz"),
+                          CONFIG) for c in ("LPS", "RAS", "PIL")}
+    assert scans["RAS"].source_orientation == "RAS"
+    for code in ("RAS", "PIL"):
+        np.testing.assert_array_equal(scans[code].ct_hu, scans["LPS"].ct_hu)
+        np.testing.assert_array_equal(scans[code].mask, scans["LPS"].mask)
+    assert scans["PIL"].spacing_mm == pytest.approx(scans["LPS"].spacing_mm)
+
+
+def test_left_knee_is_mirrored_along_x(tmp_path: Path) -> None:
+    ct, mask = _phantom()
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    right = load_scan(_spec(tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz", "R"), CONFIG)
+    left = load_scan(_spec(tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz", "L"), CONFIG)
+    np.testing.assert_array_equal(left.ct_hu, right.ct_hu[:, :, ::-1])
+    np.testing.assert_array_equal(left.mask, right.mask[:, :, ::-1])
+
+
+def test_phantom_left_knee_mirrored_matches_right_knee(tmp_path: Path) -> None:
+    ct_r, mask_r, _ = make_phantom(SMALL_SHAPE, SMALL_SPACING, seed=6, side="R")
+    ct_l, mask_l, _ = make_phantom(SMALL_SHAPE, SMALL_SPACING, seed=6, side="L")
+    for name, img in {"ctr": ct_r, "mr": mask_r, "ctl": ct_l, "ml": mask_l}.items():
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+    right = load_scan(_spec(tmp_path / "ctr.nii.gz", tmp_path / "mr.nii.gz", "R"), CONFIG)
+    left = load_scan(_spec(tmp_path / "ctl.nii.gz", tmp_path / "ml.nii.gz", "L"), CONFIG)
+    np.testing.assert_array_equal(left.mask, right.mask)
+    assert np.mean(np.abs(left.ct_hu - right.ct_hu) < 60) > 0.99  # same anatomy, own noise
+
+
+@pytest.mark.parametrize("change", ["size", "spacing", "origin", "direction"])
+def test_geometry_mismatch_prints_both_geometries(tmp_path: Path, change: str) -> None:
+    ct, mask = _phantom()
+    if change == "size":
+        mask = mask[:, :, :-1]
+    elif change == "spacing":
+        mask.SetSpacing((1.0, 1.0, 1.25))
+    elif change == "origin":
+        mask.SetOrigin(tuple(o + 0.5 for o in mask.GetOrigin()))
+    else:
+        mask.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    spec = _spec(tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz")
+    with pytest.raises(GeometryError) as info:
+        load_scan(spec, CONFIG)
+    message = info.value.message
+    assert "s1" in message and "--resample-mask" in message
+    assert f"CT   {spec.ct}: size=" in message and f"mask {spec.mask}: size=" in message
+    scan = load_scan(spec, ExtractionConfig(resample_mask=True))
+    assert scan.mask.shape == scan.ct_hu.shape
+
+
+def test_small_rounding_in_the_header_is_tolerated(tmp_path: Path) -> None:
+    ct, mask = _phantom()
+    mask.SetOrigin(tuple(o + 2e-4 for o in mask.GetOrigin()))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    load_scan(_spec(tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"), CONFIG)
+
+
+def _bad_file(tmp_path: Path, kind: str) -> Path:
+    ct, _ = _phantom()
+    path = tmp_path / "bad.nii.gz"
+    if kind == "missing":
+        return tmp_path / "nope.nii.gz"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("subject_id,ct\nthis is not an image\n")
+    elif kind == "truncated":
+        sitk.WriteImage(ct, str(path))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    elif kind == "2d":
+        sitk.WriteImage(ct[:, :, 5], str(path))
+    elif kind == "4d":
+        sitk.WriteImage(sitk.JoinSeries([ct, ct]), str(path))
+    elif kind == "vector":
+        sitk.WriteImage(sitk.Compose(ct, ct), str(path))
+    elif kind == "gzip-of-garbage":
+        path.write_bytes(gzip.compress(b"\x00" * 4000))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated", "2d", "4d", "vector",
+                                  "gzip-of-garbage"])
+def test_bad_ct_file_is_named_in_a_clear_error(tmp_path: Path, kind: str) -> None:
+    _, mask = _phantom()
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    bad = _bad_file(tmp_path, kind)
+    with pytest.raises(InputImageError) as info:
+        load_scan(_spec(bad, tmp_path / "mask.nii.gz"), CONFIG)
+    assert info.value.message.startswith(f"Subject s1: CT {bad}")
+    assert info.value.subject_failure
+
+
+def test_float_mask_with_fractions_is_refused_but_integral_floats_pass(tmp_path: Path) -> None:
+    ct, mask = _phantom()
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    as_float = sitk.Cast(mask, sitk.sitkFloat32)
+    sitk.WriteImage(as_float, str(tmp_path / "ok.nii.gz"))
+    load_scan(_spec(tmp_path / "ct.nii.gz", tmp_path / "ok.nii.gz"), CONFIG)
+    sitk.WriteImage(as_float * 0.5, str(tmp_path / "prob.nii.gz"))
+    with pytest.raises(InputImageError, match="non-integer values"):
+        load_scan(_spec(tmp_path / "ct.nii.gz", tmp_path / "prob.nii.gz"), CONFIG)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha"])
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_ct_is_refused(tmp_path: Path, value: float, ext: str) -> None:
+    ct, mask = _phantom()
+    array = sitk.GetArrayFromImage(ct).astype(np.float32)
+    array[3, 4, 5] = value
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(ct)
+    sitk.WriteImage(bad, str(tmp_path / f"ct{ext}"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    with pytest.raises(InputImageError, match="1 NaN or infinite voxels"):
+        load_scan(_spec(tmp_path / f"ct{ext}", tmp_path / "mask.nii.gz"), CONFIG)
+
+
+def test_dicom_folders_with_no_or_two_series_are_refused(tmp_path: Path) -> None:
+    ct, mask = _phantom()
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputImageError, match="no DICOM series"):
+        load_scan(_spec(tmp_path / "empty", tmp_path / "mask.nii.gz"), CONFIG)
+    two = tmp_path / "two"
+    write_dicom_series(sitk.Cast(ct, sitk.sitkInt16), two, prefix="a")
+    write_dicom_series(sitk.Cast(ct, sitk.sitkInt16)[:, :, :10], two / "x", prefix="b")
+    for f in (two / "x").iterdir():
+        f.rename(two / f.name)
+    with pytest.raises(InputImageError, match="2 DICOM series"):
+        load_scan(_spec(two, tmp_path / "mask.nii.gz"), CONFIG)
