@@ -8,10 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kneebatch import __version__
-from kneebatch.config import DEFAULT_LAYERS, LAYERS, CropMode, ExtractionConfig
+from kneebatch.config import DEFAULT_LAYERS, LAYERS, PAIRS, CropMode, ExtractionConfig
 from kneebatch.errors import ConfigError, KneebatchError
+
+if TYPE_CHECKING:
+    from kneebatch.similarity import SimilarityRow
 
 log = logging.getLogger("kneebatch")
 
@@ -73,41 +77,118 @@ def _cmd_build_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_table(subject_id: str, rows: Sequence[object], weights: str) -> None:
-    pairs = [("tibia", "femur"), ("tibia", "background"), ("femur", "background")]
-    cos = {(r.layer, r.region_a, r.region_b): r.cosine for r in rows}  # type: ignore[attr-defined]
-    layers = list(dict.fromkeys(r.layer for r in rows))  # type: ignore[attr-defined]
+def _print_table(subject_id: str, rows: Sequence[SimilarityRow], weights: str) -> None:
+    cos = {(r.layer, r.region_a, r.region_b): r.cosine for r in rows}
+    layers = list(dict.fromkeys(r.layer for r in rows))
     print(f"Cosine similarities for {subject_id} (weights: {weights})")
-    print(f"{'layer':<12} " + " ".join(f"{a + '-' + b:>18}" for a, b in pairs))
+    print(f"{'layer':<12} " + " ".join(f"{a + '-' + b:>18}" for a, b in PAIRS))
     for layer in layers:
-        print(f"{layer:<12} " + " ".join(f"{cos[(layer, a, b)]:>18.6f}" for a, b in pairs))
+        print(f"{layer:<12} " + " ".join(f"{cos[(layer, a, b)]:>18.6f}" for a, b in PAIRS))
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from kneebatch.manifest import SubjectSpec, check_side, check_subject_id
     from kneebatch.model import get_model
     from kneebatch.runtime import configure_compute, usable_cpus
-    from kneebatch.store import SIMILARITIES, subject_dir
+    from kneebatch.store import read_similarities, subject_dir
     from kneebatch.subject import process_subject
 
     config = _config(args)
     spec = SubjectSpec(check_subject_id(args.subject_id), args.ct.resolve(), args.mask.resolve(),
                        check_side(args.side))
     configure_compute(args.threads or usable_cpus())
-    model = get_model(_model_path(args))
-    outcome = process_subject(spec, config, _model_path(args), args.out)
+    model_path = _model_path(args)
+    model = get_model(model_path)  # a bad model file is a usage error (exit 2), not a subject's
+    outcome = process_subject(spec, config, model_path, args.out)
     if not outcome.ok:
         print(f"kneebatch: subject failed at {outcome.stage}: {outcome.error}", file=sys.stderr)
         return EXIT_FAILED
     folder = subject_dir(args.out, spec.subject_id)
-    import csv
-
-    with (folder / SIMILARITIES).open() as fh:
-        rows = [argparse.Namespace(layer=r["layer"], region_a=r["region_a"],
-                                   region_b=r["region_b"], cosine=float(r["cosine"]))
-                for r in csv.DictReader(fh)]
-    _print_table(spec.subject_id, rows, model.info.weights)
+    _print_table(spec.subject_id, read_similarities(folder), model.info.weights)
     print(f"Results in {folder}")
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kneebatch.io import check_headers
+    from kneebatch.manifest import read_manifest
+
+    config = _config(args)
+    specs = read_manifest(args.manifest)
+    problems = 0
+    for spec in specs:
+        try:
+            header = check_headers(spec, config)
+        except KneebatchError as exc:
+            problems += 1
+            print(f"FAIL {spec.subject_id}: {exc.message}")
+            continue
+        print(f"ok   {spec.subject_id}: {header.size[0]}x{header.size[1]}x{header.size[2]} "
+              f"{header.pixel}, spacing {tuple(round(s, 3) for s in header.spacing)} mm")
+    print(f"{len(specs) - problems} of {len(specs)} subject(s) look fine; {problems} problem(s).")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _cluster_spec(args: argparse.Namespace) -> object:
+    from kneebatch.cluster import ClusterSpec
+
+    return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
+                       scheduler_file=args.scheduler_file,
+                       scheduler_address=args.scheduler_address)
+
+
+def _print_summary_table(out: Path) -> None:
+    import pandas as pd
+
+    sims = pd.read_parquet(out / "similarities")
+    if sims.empty:
+        return
+    sims["pair"] = sims["region_a"] + "-" + sims["region_b"]
+    table = sims.pivot_table(index="layer", columns="pair", values="cosine", aggfunc="mean")
+    table = table[[f"{a}-{b}" for a, b in PAIRS]]
+    weights = ", ".join(sorted(sims["weights"].unique()))
+    print(f"Mean cosine similarity over {sims['subject_id'].nunique()} subject(s) "
+          f"(from {out / 'similarities'}; weights: {weights}):")
+    print(table.round(4).to_string())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kneebatch.manifest import read_manifest
+    from kneebatch.progress import Progress
+    from kneebatch.run import run_cohort, shard
+
+    config = _config(args)
+    specs = shard(read_manifest(args.manifest), args.shard)
+    model_path = _model_path(args)
+    progress = Progress(len(specs), sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
+                        every_n=args.progress_every)
+    summary = run_cohort(specs, args.out, model_path, config=config,
+                         cluster=_cluster_spec(args), overwrite=args.overwrite,
+                         on_progress=progress, manifest=args.manifest)
+    print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
+          f"{summary.skipped} skipped (already done) of {summary.total} in "
+          f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
+    print(f"Results in {summary.out}: similarities/ and features/ (Parquet), run.json, "
+          "failures.csv, subjects/")
+    _print_summary_table(summary.out)
+    if summary.failed:
+        print(f"{summary.failed} subject(s) failed: see {summary.out / 'failures.csv'}")
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _cmd_gather(args: argparse.Namespace) -> int:
+    import json
+
+    from kneebatch.gather import gather
+
+    run_file = args.out / "run.json"
+    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    result = gather(args.out, record.get("run_id", "gather"),
+                    config_hash=record.get("config_hash"),
+                    model_sha256=record.get("model_sha256"), provenance=record or None)
+    print(f"Gathered {result.subjects} subject(s) ({result.similarity_rows} similarity rows, "
+          f"{result.feature_rows} feature rows) into {args.out}; {result.failures} failure(s) "
+          "in failures.csv")
     return EXIT_OK
 
 
@@ -145,6 +226,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable)")
     _add_config_options(p)
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("validate", help="preflight a manifest: files, headers, geometry; no model")
+    p.add_argument("manifest", type=Path)
+    _add_config_options(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="a whole manifest on dask, gathered into Parquet")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default=None, help="model file (default: $KNEEBATCH_MODEL)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes (default: usable CPUs / 2, from SLURM_CPUS_PER_TASK or "
+                        "the CPU affinity)")
+    p.add_argument("--threads-per-worker", type=int, default=0,
+                   help="compute threads per worker (default: CPUs / workers)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
+    where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
+    p.add_argument("--shard", default=None, metavar="I/N", help="only subjects I, I+N, ... (0-based)")
+    p.add_argument("--overwrite", action="store_true", help="recompute finished subjects too")
+    p.add_argument("--progress-every", type=int, default=0, metavar="N",
+                   help="in batch logs, a progress line every N subjects (default: 5%%)")
+    _add_config_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("gather", help="rebuild the Parquet datasets from OUT/subjects")
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=_cmd_gather)
     return parser
 
 

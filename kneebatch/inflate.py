@@ -38,7 +38,7 @@ def _conv3d(conv: nn.Conv2d) -> nn.Conv3d:
     depth = kernel[0]
     with torch.no_grad():
         out.weight.copy_(conv.weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth)
-        if conv.bias is not None:
+        if conv.bias is not None and out.bias is not None:
             out.bias.copy_(conv.bias)
     return out
 
@@ -55,23 +55,14 @@ def _batchnorm3d(bn: nn.BatchNorm2d) -> nn.BatchNorm3d:
     return out
 
 
-def _pool3d(pool: nn.Module) -> nn.Module:
+def _pool3d(pool: nn.MaxPool2d | nn.AvgPool2d) -> nn.Module:
+    kernel, stride = _triple(pool.kernel_size), _triple(pool.stride)
+    padding = _triple(pool.padding)
     if isinstance(pool, nn.MaxPool2d):
-        return nn.MaxPool3d(
-            pool.kernel_size,  # type: ignore[arg-type]
-            stride=pool.stride,  # type: ignore[arg-type]
-            padding=pool.padding,  # type: ignore[arg-type]
-            dilation=pool.dilation,  # type: ignore[arg-type]
-            ceil_mode=pool.ceil_mode,
-        )
-    assert isinstance(pool, nn.AvgPool2d)
-    return nn.AvgPool3d(
-        pool.kernel_size,  # type: ignore[arg-type]
-        stride=pool.stride,  # type: ignore[arg-type]
-        padding=pool.padding,  # type: ignore[arg-type]
-        ceil_mode=pool.ceil_mode,
-        count_include_pad=pool.count_include_pad,
-    )
+        return nn.MaxPool3d(kernel, stride=stride, padding=padding,
+                            dilation=_triple(pool.dilation), ceil_mode=pool.ceil_mode)
+    return nn.AvgPool3d(kernel, stride=stride, padding=padding, ceil_mode=pool.ceil_mode,
+                        count_include_pad=pool.count_include_pad)
 
 
 def _inflate_one(module: nn.Module) -> nn.Module | None:

@@ -51,6 +51,17 @@ class Scan:
     source_orientation: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """Geometry of an image, read without its voxels."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    pixel: str
+
+
 def _fail(spec: SubjectSpec, role: str, path: Path, problem: str, fix: str) -> InputImageError:
     return InputImageError(f"Subject {spec.subject_id}: {role} {path}: {problem}. {fix}")
 
@@ -159,18 +170,33 @@ def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     return image
 
 
-def _geometry(image: sitk.Image) -> str:
-    return (f"size={image.GetSize()} spacing={tuple(round(s, 5) for s in image.GetSpacing())} "
-            f"origin={tuple(round(o, 4) for o in image.GetOrigin())} "
-            f"direction={tuple(round(d, 4) for d in image.GetDirection())}")
+def _header_of(image: sitk.Image) -> Header:
+    return Header(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                  image.GetPixelIDTypeAsString())
 
 
-def _same_grid(ct: sitk.Image, mask: sitk.Image) -> bool:
+def _describe(h: Header) -> str:
+    return (f"size={h.size} spacing={tuple(round(s, 5) for s in h.spacing)} "
+            f"origin={tuple(round(o, 4) for o in h.origin)} "
+            f"direction={tuple(round(d, 4) for d in h.direction)}")
+
+
+def _same_grid(ct: Header, mask: Header) -> bool:
     return (
-        ct.GetSize() == mask.GetSize()
-        and np.allclose(ct.GetSpacing(), mask.GetSpacing(), rtol=0, atol=SPACING_TOL_MM)
-        and np.allclose(ct.GetOrigin(), mask.GetOrigin(), rtol=0, atol=ORIGIN_TOL_MM)
-        and np.allclose(ct.GetDirection(), mask.GetDirection(), rtol=0, atol=DIRECTION_TOL)
+        ct.size == mask.size
+        and np.allclose(ct.spacing, mask.spacing, rtol=0, atol=SPACING_TOL_MM)
+        and np.allclose(ct.origin, mask.origin, rtol=0, atol=ORIGIN_TOL_MM)
+        and np.allclose(ct.direction, mask.direction, rtol=0, atol=DIRECTION_TOL)
+    )
+
+
+def _mismatch(spec: SubjectSpec, ct: Header, mask: Header) -> GeometryError:
+    return GeometryError(
+        f"Subject {spec.subject_id}: mask {spec.mask} is not on the CT's voxel grid "
+        f"(tolerance {SPACING_TOL_MM} mm, direction {DIRECTION_TOL}).\n"
+        f"  CT   {spec.ct}: {_describe(ct)}\n  mask {spec.mask}: {_describe(mask)}\n"
+        "Fix the mask's header, or pass --resample-mask to put the mask on the CT grid "
+        "(nearest neighbour)."
     )
 
 
@@ -180,16 +206,10 @@ def match_mask_grid(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image, resampl
     Raises:
         GeometryError: the grids differ and ``resample`` is False; both geometries are printed.
     """
-    if _same_grid(ct, mask):
+    if _same_grid(_header_of(ct), _header_of(mask)):
         return mask
     if not resample:
-        raise GeometryError(
-            f"Subject {spec.subject_id}: mask {spec.mask} is not on the CT's voxel grid "
-            f"(tolerance {SPACING_TOL_MM} mm, direction {DIRECTION_TOL}).\n"
-            f"  CT   {spec.ct}: {_geometry(ct)}\n  mask {spec.mask}: {_geometry(mask)}\n"
-            "Fix the mask's header, or pass --resample-mask to put the mask on the CT grid "
-            "(nearest neighbour)."
-        )
+        raise _mismatch(spec, _header_of(ct), _header_of(mask))
     log.warning("Subject %s: resampling the mask onto the CT grid (nearest neighbour)",
                 spec.subject_id)
     return sitk.Resample(mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
@@ -198,9 +218,9 @@ def match_mask_grid(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image, resampl
 
 def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
     values = sitk.GetArrayFromImage(mask)
-    if not np.issubdtype(values.dtype, np.integer):
-        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-            raise _fail(spec, "mask", spec.mask, "holds non-integer values (is it a probability "
+    if not np.issubdtype(values.dtype, np.integer) and (
+            not np.all(np.isfinite(values)) or np.any(values != np.round(values))):
+        raise _fail(spec, "mask", spec.mask, "holds non-integer values (is it a probability "
                         "map?)", "Give a label image: 0 background, 1 tibia, 2 femur.")
     if values.min() < 0 or values.max() > 255:
         raise _fail(spec, "mask", spec.mask, f"holds labels from {values.min()} to {values.max()}",
@@ -243,3 +263,60 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig) -> Scan:
         labels = np.ascontiguousarray(labels[:, :, ::-1])
     sx, sy, sz = ct.GetSpacing()
     return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation)
+
+
+def read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
+    """Read an image's header only (for a DICOM folder: the first file of its one series).
+
+    Raises:
+        InputImageError: missing, unreadable, not 3D, not scalar; truncated NIfTI.
+    """
+    if not path.exists():
+        raise _fail(spec, role, path, "does not exist",
+                    "Check the manifest's path (relative paths start at the manifest's folder).")
+    reader = sitk.ImageFileReader()
+    if path.is_dir():
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        if len(series) != 1:
+            _read_dicom_folder(spec, role, path)  # raises the right message
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+        reader.SetFileName(files[0])
+    else:
+        if path.stat().st_size == 0:
+            raise _fail(spec, role, path, "is an empty file", "Export the image again.")
+        if path.name.endswith((".nii", ".nii.gz")):
+            _check_nifti(spec, role, path)
+        reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _fail(spec, role, path, "cannot be read as an image", "Give a NIfTI, NRRD, MHA "
+                    "file or a DICOM folder; if it is truncated, copy it again.") from exc
+    size = reader.GetSize()
+    if path.is_dir():
+        size = (*size[:2], len(files))
+    if len(size) != 3 or min(size) < 2:
+        raise _fail(spec, role, path, f"is a {len(size)}D image of size {size}, not a 3D volume",
+                    "Give the whole 3D scan (one time point, at least 2 slices).")
+    if reader.GetNumberOfComponents() != 1:
+        raise _fail(spec, role, path, f"has {reader.GetNumberOfComponents()} components per voxel",
+                    "Give a scalar (grey-value) image.")
+    return Header(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+                  sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+
+
+def check_headers(spec: SubjectSpec, config: ExtractionConfig) -> Header:
+    """Preflight of one subject from headers only: both files readable, 3D, on one grid.
+
+    Returns:
+        The CT's header.
+
+    Raises:
+        InputImageError, GeometryError: the first problem found.
+    """
+    ct, mask = read_header(spec, "CT", spec.ct), read_header(spec, "mask", spec.mask)
+    # A DICOM folder's header is its first slice: its origin is not the volume's, so only the
+    # full read checks its grid.
+    if not _same_grid(ct, mask) and not config.resample_mask and not spec.ct.is_dir():
+        raise _mismatch(spec, ct, mask)
+    return ct

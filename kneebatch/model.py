@@ -54,12 +54,18 @@ class LoadedModel:
     info: ModelInfo
 
 
+def _conv0(features: nn.Sequential) -> nn.Conv3d:
+    conv0 = features.conv0
+    assert isinstance(conv0, nn.Conv3d)  # inflate() made it so
+    return conv0
+
+
 def _architecture() -> nn.Sequential:
     """The 3D network with untouched (random) weights; its state dict is what model files hold."""
     with torch.random.fork_rng(devices=[]):
         features = densenet121(weights=None).features
         inflate(features)
-    collapse_input_channels(features.conv0)
+    collapse_input_channels(_conv0(features))
     return features.eval()
 
 
@@ -123,8 +129,9 @@ def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequent
     with torch.random.fork_rng(devices=[]):
         net2d, source = _load_2d(weights, seed)
         features = net2d.features
+        assert isinstance(features, nn.Sequential)  # torchvision's DenseNet layout
         inflate(features)
-    collapse_input_channels(features.conv0)
+    collapse_input_channels(_conv0(features))
     return features.eval(), source
 
 

@@ -113,7 +113,7 @@ def make_phantom(shape: tuple[int, int, int], spacing_mm: tuple[float, float, fl
     for k, w in enumerate(ws):
         leg_r = p.leg_radius * (1 + 0.08 * w)
         sl = np.full((ny, nx), HU["air"], dtype=np.float32)
-        sl[(v > p.leg_radius + 0.1) & (v < p.leg_radius + 0.16) & (np.abs(u) < 0.9)] = HU["couch"]
+        sl[(v > p.leg_radius + 0.1) & (v < p.leg_radius + 0.13) & (np.abs(u) < 0.9)] = HU["couch"]
         sl[_ellipse(u, v, cu, cv, leg_r, leg_r * 0.9)] = HU["fat"]
         sl[_ellipse(u, v, cu, cv, leg_r - 0.07, leg_r * 0.9 - 0.07)] = HU["muscle"]
         for name, (bx, by, rx, ry) in _bone_radii(float(w), p.joint_z, p.bone_scale).items():
@@ -132,7 +132,7 @@ def make_phantom(shape: tuple[int, int, int], spacing_mm: tuple[float, float, fl
     mask_img = sitk.GetImageFromArray(mask)
     for img in (ct_img, mask_img):
         img.SetSpacing(tuple(float(s) for s in reversed(spacing_mm)))
-        extent = [n * s for n, s in zip(reversed(shape), reversed(spacing_mm))]
+        extent = [n * s for n, s in zip(reversed(shape), reversed(spacing_mm), strict=True)]
         img.SetOrigin(tuple(-e / 2 for e in extent))
     if p.reoriented:  # same anatomy, stored right-to-left and anterior-to-posterior (RAS)
         ct_img = sitk.DICOMOrient(ct_img, "RAS")
@@ -160,7 +160,7 @@ def write_sample(folder: Path, subjects: int, size: str = "clinical", seed: int 
         depth = shape[0] + int(rng.integers(-jitter, jitter + 1))
         side = "L" if i % 2 else "R"
         sid = f"knee{i + 1:03d}"
-        ct, mask, p = make_phantom((depth, *shape[1:]), spacing, seed + i, side)
+        ct, mask, _ = make_phantom((depth, *shape[1:]), spacing, seed + i, side)
         sitk.WriteImage(ct, str(folder / f"{sid}_ct.nii.gz"), useCompression=True)
         sitk.WriteImage(mask, str(folder / f"{sid}_mask.nii.gz"), useCompression=True)
         rows.append({"subject_id": sid, "ct": f"{sid}_ct.nii.gz", "mask": f"{sid}_mask.nii.gz",

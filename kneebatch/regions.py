@@ -44,7 +44,7 @@ def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float
     image.SetSpacing(tuple(reversed(spacing_mm)))  # SimpleITK order is (x, y, z)
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.full(3, target_mm)
-    new_size = [max(1, round(n * s / target_mm)) for n, s in zip(image.GetSize(), old_spacing)]
+    new_size = [max(1, round(n * s / target_mm)) for n, s in zip(image.GetSize(), old_spacing, strict=True)]
     origin = np.array(image.GetOrigin()) + 0.5 * (new_spacing - old_spacing)
     out = sitk.Resample(image, new_size, sitk.Transform(), interpolator, origin.tolist(),
                         new_spacing.tolist(), image.GetDirection(), default, image.GetPixelID())
@@ -131,7 +131,7 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
     shape = ct.shape
     return Regions(
         volumes=volumes,
-        boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], shape)) for n in REGIONS},
+        boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], shape, strict=True)) for n in REGIONS},
         spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         grid_shape=(shape[0], shape[1], shape[2]),
     )

@@ -100,7 +100,7 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
         arrays = {f"{region}.{layer}": vec.astype(np.float32)
                   for region, by_layer in vectors.items() for layer, vec in by_layer.items()}
         with _atomic(folder / FEATURES) as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
         write_text_atomic(folder / SIMILARITIES, _similarities_csv(rows))
         now = time.perf_counter()
         timings = {**done["timings_s"], "write": now - write_start, "total": now - started}
@@ -134,6 +134,13 @@ def is_finished(out: Path, subject_id: str, config_hash: str, model_sha256: str)
         and (folder / FEATURES).is_file()
         and (folder / SIMILARITIES).is_file()
     )
+
+
+def read_similarities(folder: Path) -> list[SimilarityRow]:
+    """The rows of a subject's ``similarities.csv``."""
+    with (folder / SIMILARITIES).open(newline="") as fh:
+        return [SimilarityRow(r["subject_id"], r["layer"], r["region_a"], r["region_b"],
+                              float(r["cosine"])) for r in csv.DictReader(fh)]
 
 
 def read_features(folder: Path) -> dict[str, np.ndarray]:

@@ -112,7 +112,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
     )
 
 
-def _done_record(result: SubjectResult, config: ExtractionConfig,
+def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionConfig,
                  model: LoadedModel) -> dict[str, Any]:
     import torch
     import torchvision
@@ -126,6 +126,9 @@ def _done_record(result: SubjectResult, config: ExtractionConfig,
         "versions": {"kneebatch": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__},
         "side": result.side,
+        "ct": str(spec.ct),
+        "mask": str(spec.mask),
+        "extra": dict(spec.extra),
         "spacing_mm": list(result.spacing_mm),
         "shapes": {r: list(s) for r, s in result.shapes.items()},
         "boxes": {r: [list(b) for b in box] for r, box in result.boxes.items()},
@@ -154,10 +157,11 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
         model = get_model(model_path)
         result = compute_subject(spec, config, model, stage=stage)
         stage.append("write")
-        done = _done_record(result, config, model)
+        done = _done_record(spec, result, config, model)
         timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done, start)
     except KneebatchError as exc:
         log.error("Subject %s failed at %s: %s", spec.subject_id, stage[-1], exc.message)
+        log.debug("Subject %s: traceback", spec.subject_id, exc_info=True)
         return SubjectOutcome(spec.subject_id, False, exc.message, stage[-1])
     except Exception as exc:  # one subject's surprise must not stop the cohort
         log.error("Subject %s failed at %s with an unexpected error:\n%s", spec.subject_id,

@@ -21,8 +21,9 @@ def test_saved_model_loads_back_identically(tmp_path: Path) -> None:
     assert loaded.info == info and info.weights == "random:seed=3"
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["sha256"] == info.sha256 and side["torch"] == torch.__version__
-    for (k1, v1), (k2, v2) in zip(network.state_dict().items(), loaded.network.state_dict().items()):
-        assert k1 == k2 and torch.equal(v1, v2)
+    saved, restored = network.state_dict(), loaded.network.state_dict()
+    assert list(saved) == list(restored)
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
     assert not any(p.requires_grad for p in loaded.network.parameters())
 
 

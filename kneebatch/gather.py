@@ -1,0 +1,181 @@
+"""Gather stage: per-subject files -> the Parquet datasets ``OUT/similarities/`` and ``OUT/features/``
+plus ``failures.csv``.
+
+Each dataset is written into a temporary folder next to its final place and swapped in, so a reader
+(or a second gather running at the same time) never sees a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kneebatch.store import (
+    read_done,
+    read_features,
+    read_similarities,
+    subject_dir,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+FAILURES_DIR = ".kneebatch/failures"  # one JSON per failed subject; failures.csv is made from them
+FAILURE_COLUMNS = ("subject_id", "error", "stage", "ct", "mask", "time")
+PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherResult:
+    """What a gather found."""
+
+    subjects: int
+    similarity_rows: int
+    feature_rows: int
+    failures: int
+    stale: tuple[str, ...]
+
+
+def record_failure(out: Path, subject_id: str, record: dict[str, Any]) -> None:
+    """Remember a subject's failure (for ``failures.csv``); replaces an older record."""
+    folder = out / FAILURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / f"{subject_id}.json", json.dumps(record, sort_keys=True))
+
+
+def clear_failure(out: Path, subject_id: str) -> None:
+    """Forget a subject's failure once it has finished."""
+    with contextlib.suppress(FileNotFoundError):
+        (out / FAILURES_DIR / f"{subject_id}.json").unlink()
+
+
+def _write_failures(out: Path, finished: set[str]) -> int:
+    rows = []
+    folder = out / FAILURES_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.stem in finished:
+            continue  # a later run finished it
+        with contextlib.suppress(OSError, ValueError):
+            rows.append(json.loads(path.read_text()))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FAILURE_COLUMNS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "failures.csv", buffer.getvalue())
+    return len(rows)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the folder ``tmp``; safe against a concurrent gather doing the same."""
+    for _ in range(100):
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another gather put its folder there first; move it aside and retry
+            time.sleep(0.05)
+            continue
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(f"could not put {final} in place")
+
+
+def _table_writer(tmp: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    tmp.mkdir(parents=True)
+    return pq.ParquetWriter(tmp / "part-0.parquet", schema)
+
+
+def gather(out: Path, run_id: str, *, config_hash: str | None = None,
+           model_sha256: str | None = None, provenance: dict[str, Any] | None = None,
+           batch: int = 256) -> GatherResult:
+    """Build ``OUT/similarities/``, ``OUT/features/`` and ``OUT/failures.csv`` from ``OUT/subjects``.
+
+    Args:
+        out: the run's output folder.
+        run_id: stored as a column.
+        config_hash, model_sha256: when given, subjects finished with other settings are left out
+            (and listed as ``stale``).
+        provenance: stored as JSON in both datasets' schema metadata.
+        batch: subjects per Parquet row group.
+
+    Returns:
+        Counts of what was written.
+    """
+    finished: list[tuple[Path, dict[str, Any]]] = []
+    stale = []
+    base = out / "subjects"
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        done = read_done(folder)
+        if done is None or subject_dir(out, folder.name) != folder:
+            continue
+        if (config_hash and done.get("config_hash") != config_hash) or (
+                model_sha256 and done.get("model_sha256") != model_sha256):
+            stale.append(folder.name)
+            continue
+        finished.append((folder, done))
+    if stale:
+        log.warning("%d subject(s) in %s were made with other settings and are left out of the "
+                    "Parquet: %s", len(stale), base, ", ".join(stale[:10]))
+    extra_columns = sorted({k for _, d in finished for k in d.get("extra", {})})
+    meta = {b"kneebatch": json.dumps(provenance or {}, sort_keys=True).encode()}
+    sim_schema = pa.schema(
+        [("subject_id", pa.string()), ("layer", pa.string()), ("region_a", pa.string()),
+         ("region_b", pa.string()), ("cosine", pa.float64())]
+        + [(c, pa.string()) for c in extra_columns] + [(c, pa.string()) for c in PROVENANCE],
+        metadata=meta)
+    feat_schema = pa.schema(
+        [("subject_id", pa.string()), ("region", pa.string()), ("layer", pa.string()),
+         ("dim", pa.int32()), ("vector", pa.list_(pa.float32()))]
+        + [(c, pa.string()) for c in PROVENANCE], metadata=meta)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sim_tmp, feat_tmp = out / f".similarities.tmp-{token}", out / f".features.tmp-{token}"
+    sim_rows = feat_rows = 0
+    try:
+        with _table_writer(sim_tmp, sim_schema) as sims, _table_writer(feat_tmp, feat_schema) as feats:
+            for start in range(0, len(finished), batch):
+                s_cols: dict[str, list[Any]] = {f.name: [] for f in sim_schema}
+                f_cols: dict[str, list[Any]] = {f.name: [] for f in feat_schema}
+                for folder, done in finished[start:start + batch]:
+                    prov = {"run_id": run_id, "weights": done.get("weights"),
+                            "model_sha256": done.get("model_sha256"),
+                            "config_hash": done.get("config_hash")}
+                    for row in read_similarities(folder):
+                        for key, value in {**dataclasses.asdict(row), **prov}.items():
+                            s_cols[key].append(value)
+                        for column in extra_columns:
+                            s_cols[column].append(done.get("extra", {}).get(column))
+                    for key, vector in read_features(folder).items():
+                        region, layer = key.split(".", 1)
+                        values = {"subject_id": folder.name, "region": region, "layer": layer,
+                                  "dim": int(vector.shape[0]),
+                                  "vector": np.asarray(vector, np.float32), **prov}
+                        for column, value in values.items():
+                            f_cols[column].append(value)
+                sims.write_table(pa.table(s_cols, schema=sim_schema))
+                feats.write_table(pa.table(f_cols, schema=feat_schema))
+                sim_rows += len(s_cols["subject_id"])
+                feat_rows += len(f_cols["subject_id"])
+        _swap_in(sim_tmp, out / "similarities")
+        _swap_in(feat_tmp, out / "features")
+    finally:
+        shutil.rmtree(sim_tmp, ignore_errors=True)
+        shutil.rmtree(feat_tmp, ignore_errors=True)
+    failures = _write_failures(out, {f.name for f, _ in finished})
+    return GatherResult(len(finished), sim_rows, feat_rows, failures, tuple(stale))

@@ -1,0 +1,196 @@
+"""Run stage: fan a manifest's subjects out over dask, resume what is finished, gather the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kneebatch import __version__
+from kneebatch.config import ExtractionConfig
+from kneebatch.errors import ConfigError, OutputError
+from kneebatch.gather import clear_failure, gather, record_failure
+from kneebatch.manifest import SubjectSpec
+from kneebatch.model import read_model_info
+from kneebatch.store import is_finished, write_text_atomic
+from kneebatch.subject import SubjectOutcome, process_subject
+
+log = logging.getLogger(__name__)
+
+RETRIES = 2  # a subject whose worker died is run again on another worker this many times
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What a cohort run did."""
+
+    run_id: str
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    wall_s: float
+    out: Path
+
+    @property
+    def knees_per_hour(self) -> float:
+        """Subjects computed (not skipped) per hour of wall time."""
+        return 3600.0 * (self.ok + self.failed) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
+    """Subjects of shard ``I/N`` (``specs[I::N]``, I from 0), or all of them.
+
+    Raises:
+        ConfigError: ``part`` is not ``I/N`` with 0 <= I < N.
+    """
+    if not part:
+        return specs
+    try:
+        index, count = (int(x) for x in part.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {part!r} must be I/N with 0 <= I < N, e.g. --shard 0/4 "
+                          "(SLURM arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).")
+    return specs[index::count]
+
+
+def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
+             threads: int) -> SubjectOutcome:
+    """The task a worker runs: set this process's threads once, then process the subject."""
+    from distributed import get_worker
+
+    from kneebatch.runtime import configure_compute, usable_cpus
+
+    if threads <= 0:  # a worker we did not start: share its CPUs among its task slots
+        threads = max(1, usable_cpus() // max(1, get_worker().state.nthreads))
+    configure_compute(threads)
+    return process_subject(spec, config, model_path, out)
+
+
+def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for outcome in outcomes:
+        for stage, seconds in outcome.timings_s.items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    return {k: round(v, 3) for k, v in sorted(totals.items())}
+
+
+def run_cohort(
+    specs: list[SubjectSpec],
+    out: Path,
+    model_path: Path,
+    *,
+    config: ExtractionConfig | None = None,
+    client: Any = None,
+    cluster: Any = None,
+    overwrite: bool = False,
+    on_progress: Callable[[SubjectOutcome], None] | None = None,
+    manifest: Path | None = None,
+) -> RunSummary:
+    """Process a cohort on dask and gather it into Parquet.
+
+    Args:
+        specs: subjects (from ``read_manifest``, possibly sharded).
+        out: output folder (created).
+        model_path: model file from ``kneebatch build-model``.
+        config: extraction settings (defaults from DESIGN.md).
+        client: a connected ``distributed.Client`` to use (e.g. from dask-jobqueue); else one is
+            opened from ``cluster``.
+        cluster: a ``ClusterSpec`` (default: a LocalCluster sized from this machine).
+        overwrite: recompute finished subjects too.
+        on_progress: called with each subject's outcome as it finishes.
+        manifest: recorded in run.json.
+
+    Returns:
+        Counts and timing.
+
+    Raises:
+        WeightsError, ConfigError, OutputError: nothing could run (bad model, options, output).
+    """
+    from distributed import as_completed
+
+    from kneebatch.cluster import ClusterSpec, open_client
+
+    config = config or ExtractionConfig()
+    info = read_model_info(model_path)
+    if info.weights.startswith("random"):
+        log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
+                    info.weights)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create output folder {out}: {exc.strerror}. Choose a "
+                          "writable --out.") from exc
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    config_hash = config.hash()
+    todo = [s for s in specs
+            if overwrite or not is_finished(out, s.subject_id, config_hash, info.sha256)]
+    skipped = len(specs) - len(todo)
+    if skipped:
+        log.info("skipping %d subject(s) already finished with these settings (--overwrite "
+                 "recomputes them)", skipped)
+    outcomes: list[SubjectOutcome] = []
+    if todo:
+        def consume(dask_client: Any, threads: int) -> None:
+            futures = dask_client.map(
+                _run_one, todo, config=config, model_path=model_path.resolve(), out=out.resolve(),
+                threads=threads, key=[f"kneebatch-{run_id}-{s.subject_id}" for s in todo],
+                retries=RETRIES, pure=False)
+            by_key = {f.key: s for f, s in zip(futures, todo, strict=True)}
+            for future in as_completed(futures):
+                spec = by_key[future.key]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # the worker died RETRIES + 1 times, or dask failed
+                    outcome = SubjectOutcome(spec.subject_id, False, (
+                        f"Subject {spec.subject_id}: its worker failed ({type(exc).__name__}: "
+                        f"{exc}). Often out of memory: give workers more memory or fewer "
+                        "threads, then rerun (finished subjects are kept)."), "worker")
+                _settle(out, spec, outcome)
+                outcomes.append(outcome)
+                if on_progress:
+                    on_progress(outcome)
+
+        if client is not None:
+            consume(client, 0)
+        else:
+            with open_client(cluster or ClusterSpec()) as (opened, threads):
+                consume(opened, threads)
+    provenance = {"run_id": run_id, "model_sha256": info.sha256, "weights": info.weights,
+                  "config_hash": config_hash, "config": config.to_dict(),
+                  "versions": {"kneebatch": __version__, "torch": info.torch,
+                               "torchvision": info.torchvision}}
+    gathered = gather(out, run_id, config_hash=config_hash, model_sha256=info.sha256,
+                      provenance=provenance)
+    ok = sum(o.ok for o in outcomes)
+    summary = RunSummary(run_id, len(specs), ok, len(outcomes) - ok, skipped,
+                         time.perf_counter() - t0, out)
+    record = {**provenance, "started": started.isoformat(timespec="seconds"),
+              "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "manifest": str(manifest) if manifest else None,
+              "counts": {"total": summary.total, "ok": ok, "failed": summary.failed,
+                         "skipped": skipped, "in_parquet": gathered.subjects,
+                         "failures_csv": gathered.failures},
+              "stage_seconds": _stage_totals(outcomes), "wall_s": round(summary.wall_s, 2)}
+    write_text_atomic(out / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _settle(out: Path, spec: SubjectSpec, outcome: SubjectOutcome) -> None:
+    if outcome.ok:
+        clear_failure(out, spec.subject_id)
+        return
+    record_failure(out, spec.subject_id, {
+        "subject_id": spec.subject_id, "error": outcome.error, "stage": outcome.stage,
+        "ct": str(spec.ct), "mask": str(spec.mask),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -1,0 +1,140 @@
+"""`kneebatch extract` and friends, run in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kneebatch.cli import main
+from kneebatch.config import ExtractionConfig
+from kneebatch.manifest import SubjectSpec
+from kneebatch.model import get_model
+from kneebatch.store import read_features, read_similarities
+from kneebatch.subject import compute_subject
+
+from .conftest import SMALL_SHAPE
+
+
+def _extract(knee: tuple[Path, Path], out: Path, model: Path, *extra: str) -> int:
+    return main(["extract", "--ct", str(knee[0]), "--mask", str(knee[1]), "--subject-id", "k1",
+                 "--out", str(out), "--model", str(model), "--side", "R", *extra])
+
+
+def test_extract_writes_the_contract_and_prints_the_table(
+        knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert _extract(knee, out, model_path) == 0
+    folder = out / "subjects" / "k1"
+    assert sorted(p.name for p in folder.iterdir()) == ["done.json", "features.npz",
+                                                         "similarities.csv"]
+    features = read_features(folder)
+    dims = {"denseblock2": 512, "denseblock3": 1024, "denseblock4": 1024}
+    assert {k: v.shape for k, v in features.items()} == {
+        f"{r}.{layer}": (dim,) for r in ("tibia", "femur", "background")
+        for layer, dim in dims.items()}
+    assert all(v.dtype == np.float32 for v in features.values())
+    header = (folder / "similarities.csv").read_text().splitlines()[0]
+    assert header == "subject_id,layer,region_a,region_b,cosine"
+    rows = read_similarities(folder)
+    assert [(r.layer, r.region_a, r.region_b) for r in rows][:3] == [
+        ("denseblock2", "tibia", "femur"), ("denseblock2", "tibia", "background"),
+        ("denseblock2", "femur", "background")]
+    assert len(rows) == 9 and all(-1 <= r.cosine <= 1 for r in rows)
+    done = json.loads((folder / "done.json").read_text())
+    assert done["weights"] == "random:seed=0"
+    assert done["config_hash"] == ExtractionConfig().hash()
+    assert done["model_sha256"] == get_model(model_path).info.sha256
+    assert {"read", "preprocess", "forward.tibia", "forward.femur", "forward.background",
+            "write", "total"} <= set(done["timings_s"])
+    printed = capsys.readouterr().out
+    assert "random:seed=0" in printed and "tibia-femur" in printed
+    for r in rows:
+        assert f"{r.cosine:.6f}" in printed
+
+
+def test_files_hold_what_the_in_memory_api_computes(
+        knee: tuple[Path, Path], tmp_path: Path, model_path: Path) -> None:
+    assert _extract(knee, tmp_path / "out", model_path) == 0
+    result = compute_subject(SubjectSpec("k1", knee[0], knee[1], "R"), ExtractionConfig(),
+                             get_model(model_path))
+    stored = read_features(tmp_path / "out" / "subjects" / "k1")
+    for region, by_layer in result.vectors.items():
+        for layer, vector in by_layer.items():
+            np.testing.assert_array_equal(stored[f"{region}.{layer}"], vector)
+    assert [r.cosine for r in read_similarities(tmp_path / "out" / "subjects" / "k1")] == [
+        r.cosine for r in result.rows]
+
+
+def test_seed_semantics_feed_the_whole_native_volume(
+        knee: tuple[Path, Path], tmp_path: Path, model_path: Path) -> None:
+    assert _extract(knee, tmp_path / "out", model_path, "--spacing", "native", "--crop",
+                    "none") == 0
+    done = json.loads((tmp_path / "out" / "subjects" / "k1" / "done.json").read_text())
+    assert done["shapes"] == {r: list(SMALL_SHAPE) for r in ("tibia", "femur", "background")}
+    assert done["config"]["spacing_mm"] is None and done["config"]["crop"] == "none"
+    assert done["config_hash"] != ExtractionConfig().hash()
+
+
+def test_a_bad_subject_exits_1_writes_nothing_and_names_the_file(
+        knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no such ct.nii.gz"
+    out = tmp_path / "out"
+    assert _extract((missing, knee[1]), out, model_path) == 1
+    err = capsys.readouterr().err
+    assert f"Subject k1: CT {missing}: does not exist" in err
+    assert "Traceback" not in err
+    assert not (out / "subjects" / "k1").exists()
+
+
+def test_debug_shows_the_traceback(knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--debug", "extract", "--ct", str(tmp_path / "x.nii"), "--mask", str(knee[1]),
+                 "--subject-id", "k1", "--out", str(tmp_path), "--model", str(model_path)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--layers", "denseblok3"], "Did you mean 'denseblock3'?"),
+     (["--model", "/nonexistent/m.pth"], "kneebatch build-model"),
+     (["--spacing", "-1"], "spacing must be a positive")],
+    ids=["unknown-layer", "missing-model", "bad-spacing"],
+)
+def test_usage_errors_exit_2(knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
+                             capsys: pytest.CaptureFixture[str], args: list[str],
+                             message: str) -> None:
+    argv = ["extract", "--ct", str(knee[0]), "--mask", str(knee[1]), "--subject-id", "k1",
+            "--out", str(tmp_path / "out"), "--model", str(model_path), *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "subjects").exists()
+
+
+def test_unsafe_subject_id_is_refused(knee: tuple[Path, Path], tmp_path: Path,
+                                      model_path: Path) -> None:
+    assert main(["extract", "--ct", str(knee[0]), "--mask", str(knee[1]), "--subject-id",
+                 "../evil", "--out", str(tmp_path / "out"), "--model", str(model_path)]) == 2
+    assert not (tmp_path / "evil").exists()
+
+
+def test_model_from_environment(knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KNEEBATCH_MODEL", str(model_path))
+    assert main(["extract", "--ct", str(knee[0]), "--mask", str(knee[1]), "--subject-id", "k1",
+                 "--out", str(tmp_path / "out")]) == 0
+
+
+def test_python_dash_m_and_console_script_answer_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "kneebatch", "--help"], capture_output=True,
+                          text=True, check=True)
+    assert "extract" in done.stdout and "build-model" in done.stdout
+    script = Path(sys.executable).with_name("kneebatch")
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                          check=True).stdout.startswith("kneebatch ")

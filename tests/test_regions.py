@@ -1,0 +1,108 @@
+"""Region split: HU window, resampling, crops, padding, missing labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kneebatch.config import CropMode, ExtractionConfig
+from kneebatch.errors import RegionError
+from kneebatch.io import Scan
+from kneebatch.regions import body_mask, make_regions
+
+NATIVE = ExtractionConfig(spacing_mm=None, crop=CropMode.NONE)
+
+
+def _scan(ct: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+          ) -> Scan:
+    return Scan("s1", ct.astype(np.float32), mask.astype(np.uint8), spacing, "R", "LPS")
+
+
+def _blocks(shape: tuple[int, int, int] = (40, 40, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """Air around a soft-tissue box holding a tibia block (label 1) and a femur block (label 2)."""
+    ct = np.full(shape, -1000.0)
+    ct[5:35, 5:35, 5:35] = 40.0
+    mask = np.zeros(shape)
+    ct[8:18, 10:30, 10:30] = 700.0
+    mask[8:18, 10:30, 10:30] = 1
+    ct[22:32, 10:30, 10:30] = 900.0
+    mask[22:32, 10:30, 10:30] = 2
+    return ct, mask
+
+
+@pytest.mark.parametrize(("hu", "expected"),
+                         [(-1000, -0.449 / 0.226), (-3024, -0.449 / 0.226), (2000, 0.551 / 0.226),
+                          (2500, 0.551 / 0.226), (500, (0.5 - 0.449) / 0.226)],
+                         ids=["air", "scanner-padding", "top", "above-window", "middle"])
+def test_hu_window_and_normalisation_by_hand(hu: float, expected: float) -> None:
+    ct, mask = _blocks()
+    ct[20, 20, 20] = hu  # a background voxel
+    regions = make_regions(_scan(ct, mask), NATIVE)
+    assert regions.volumes["background"][20, 20, 20] == pytest.approx(expected, abs=1e-5)
+
+
+def test_each_region_keeps_only_its_voxels() -> None:
+    ct, mask = _blocks()
+    regions = make_regions(_scan(ct, mask), NATIVE)
+    air = NATIVE.air_value
+    for name, label in (("tibia", 1), ("femur", 2), ("background", 0)):
+        volume = regions.volumes[name]
+        assert volume.shape == ct.shape and volume.dtype == np.float32
+        assert np.all(volume[mask != label] == pytest.approx(air))
+        assert np.all(volume[mask == label] > air)
+
+
+def test_crop_boxes_add_the_margin_and_stay_inside() -> None:
+    ct, mask = _blocks()
+    config = ExtractionConfig(spacing_mm=None, margin_mm=3.0, min_size=1)
+    regions = make_regions(_scan(ct, mask, (1.0, 1.0, 2.0)), config)
+    assert regions.boxes["tibia"] == ((5, 21), (7, 33), (8, 32))  # x margin: 3 mm = 2 voxels
+    assert regions.boxes["femur"] == ((19, 35), (7, 33), (8, 32))
+    assert regions.boxes["background"] == ((2, 38), (2, 38), (3, 37))
+    assert regions.volumes["tibia"].shape == (16, 26, 24)
+
+
+def test_small_regions_are_padded_with_air_to_min_size() -> None:
+    ct, mask = _blocks()
+    config = ExtractionConfig(spacing_mm=None, margin_mm=0.0, min_size=32)
+    regions = make_regions(_scan(ct, mask), config)
+    tibia = regions.volumes["tibia"]
+    assert tibia.shape == (32, 32, 32)
+    assert np.all(tibia[:11] == pytest.approx(config.air_value))  # (32 - 10) // 2 = 11 padded
+    assert np.all(tibia[11:21, 6:26, 6:26] > config.air_value)
+
+
+def test_body_crop_drops_the_couch_and_keeps_two_legs() -> None:
+    ct = np.full((20, 60, 80), -1000.0)
+    ct[:, 10:40, 5:30] = 40  # right leg
+    ct[:, 10:38, 45:72] = 40  # left leg, a bit smaller
+    ct[:, 50:51, 10:70] = 200  # couch: a thin slab, under 10% of a leg
+    ct[3, 2, 2] = 500  # a speck
+    body = body_mask(ct, -500.0, 0.1)
+    assert body[:, 10:40, 5:30].all() and body[:, 10:38, 45:72].all()
+    assert not body[:, 50:53].any() and not body[3, 2, 2]
+
+
+def test_resampling_to_1mm_changes_the_grid_not_the_anatomy() -> None:
+    ct, mask = _blocks((40, 40, 40))
+    regions = make_regions(_scan(ct, mask, (0.5, 0.5, 0.5)),
+                           ExtractionConfig(spacing_mm=1.0, crop=CropMode.NONE))
+    assert regions.grid_shape == (20, 20, 20) and regions.spacing_mm == (1.0, 1.0, 1.0)
+    femur = regions.volumes["femur"] > NATIVE.air_value
+    assert femur.sum() == pytest.approx(5 * 10 * 10, rel=0.25)
+
+
+@pytest.mark.parametrize(("label", "name"), [(1, "tibia"), (2, "femur")])
+def test_missing_label_fails_the_subject(label: int, name: str) -> None:
+    ct, mask = _blocks()
+    mask[mask == label] = 0
+    with pytest.raises(RegionError, match=f"Subject s1: the mask has no {name} voxels"):
+        make_regions(_scan(ct, mask), ExtractionConfig())
+
+
+def test_unknown_labels_belong_to_no_region() -> None:
+    ct, mask = _blocks()
+    mask[1:3, 1:3, 1:3] = 7
+    regions = make_regions(_scan(ct, mask), NATIVE)
+    for volume in regions.volumes.values():
+        assert np.all(volume[1:3, 1:3, 1:3] == pytest.approx(NATIVE.air_value))
