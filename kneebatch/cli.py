@@ -164,7 +164,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                         every_n=args.progress_every)
     summary = run_cohort(specs, args.out, model_path, config=config,
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
-                         on_progress=progress, manifest=args.manifest)
+                         on_progress=progress)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: usable CPUs / 2, from SLURM_CPUS_PER_TASK or "
                         "the CPU affinity)")
     p.add_argument("--threads-per-worker", type=int, default=0,
-                   help="compute threads per worker (default: CPUs / workers)")
+                   help="compute threads per worker (default: CPUs / workers; on a joined "
+                        "scheduler: 1 per task slot)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")

@@ -29,7 +29,8 @@ class ClusterSpec:
 
     Attributes:
         workers: worker processes of a LocalCluster (0: from the CPUs).
-        threads_per_worker: compute threads per worker (0: CPUs / workers).
+        threads_per_worker: compute threads per worker (0: CPUs / workers; on a joined scheduler
+            1 per task slot).
         scheduler_file, scheduler_address: join this scheduler instead of starting one.
         memory_limit_bytes: per worker (0: the job's memory / workers).
     """
@@ -89,7 +90,7 @@ def open_client(spec: ClusterSpec) -> Iterator[tuple[Client, int]]:
         with client:
             log.info("joined scheduler %s with %d workers", target,
                      len(client.scheduler_info().get("workers", {})))
-            yield client, spec.threads_per_worker
+            yield client, spec.threads_per_worker or 1
         return
     workers, threads = layout(spec)
     memory = spec.memory_limit_bytes or job_memory_bytes() // workers

@@ -16,7 +16,7 @@ from kneebatch import __version__
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError, OutputError
 from kneebatch.gather import clear_failure, gather, record_failure
-from kneebatch.manifest import SubjectSpec
+from kneebatch.manifest import SubjectSpec, read_manifest
 from kneebatch.model import read_model_info
 from kneebatch.store import is_finished, write_text_atomic
 from kneebatch.subject import SubjectOutcome, process_subject
@@ -65,12 +65,8 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
 def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
              threads: int) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
-    from distributed import get_worker
+    from kneebatch.runtime import configure_compute
 
-    from kneebatch.runtime import configure_compute, usable_cpus
-
-    if threads <= 0:  # a worker we did not start: share its CPUs among its task slots
-        threads = max(1, usable_cpus() // max(1, get_worker().state.nthreads))
     configure_compute(threads)
     return process_subject(spec, config, model_path, out)
 
@@ -84,21 +80,20 @@ def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
 
 
 def run_cohort(
-    specs: list[SubjectSpec],
-    out: Path,
-    model_path: Path,
+    manifest: Path | str | list[SubjectSpec],
+    out: Path | str,
+    model_path: Path | str,
     *,
     config: ExtractionConfig | None = None,
     client: Any = None,
     cluster: Any = None,
     overwrite: bool = False,
     on_progress: Callable[[SubjectOutcome], None] | None = None,
-    manifest: Path | None = None,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
     Args:
-        specs: subjects (from ``read_manifest``, possibly sharded).
+        manifest: a manifest CSV, or subjects from ``read_manifest`` (possibly sharded).
         out: output folder (created).
         model_path: model file from ``kneebatch build-model``.
         config: extraction settings (defaults from DESIGN.md).
@@ -107,7 +102,6 @@ def run_cohort(
         cluster: a ``ClusterSpec`` (default: a LocalCluster sized from this machine).
         overwrite: recompute finished subjects too.
         on_progress: called with each subject's outcome as it finishes.
-        manifest: recorded in run.json.
 
     Returns:
         Counts and timing.
@@ -120,6 +114,12 @@ def run_cohort(
     from kneebatch.cluster import ClusterSpec, open_client
 
     config = config or ExtractionConfig()
+    out, model_path = Path(out), Path(model_path)
+    if isinstance(manifest, list):
+        manifest_path, specs = None, manifest
+    else:
+        manifest_path = Path(manifest)
+        specs = read_manifest(manifest_path)
     info = read_model_info(model_path)
     if info.weights.startswith("random"):
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
@@ -162,7 +162,8 @@ def run_cohort(
                     on_progress(outcome)
 
         if client is not None:
-            consume(client, 0)
+            # A cluster we did not start: each of its task slots is one CPU unless told otherwise.
+            consume(client, getattr(cluster, "threads_per_worker", 0) or 1)
         else:
             with open_client(cluster or ClusterSpec()) as (opened, threads):
                 consume(opened, threads)
@@ -177,7 +178,7 @@ def run_cohort(
                          time.perf_counter() - t0, out)
     record = {**provenance, "started": started.isoformat(timespec="seconds"),
               "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "manifest": str(manifest) if manifest else None,
+              "manifest": str(manifest_path) if manifest_path else None,
               "counts": {"total": summary.total, "ok": ok, "failed": summary.failed,
                          "skipped": skipped, "in_parquet": gathered.subjects,
                          "failures_csv": gathered.failures},

@@ -1,0 +1,54 @@
+"""The Python API for notebooks: a few typed functions; the CLI is a thin layer over the same code."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from kneebatch.config import ExtractionConfig
+from kneebatch.manifest import SubjectSpec, check_side, check_subject_id
+from kneebatch.model import get_model
+from kneebatch.subject import SubjectResult, compute_subject
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+    """A run's outputs as DataFrames."""
+
+    similarities: pd.DataFrame
+    features: pd.DataFrame
+    failures: pd.DataFrame
+
+
+def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
+                    subject_id: str = "subject", side: str | None = None,
+                    config: ExtractionConfig | None = None) -> SubjectResult:
+    """One knee's vectors and similarities, in memory (nothing is written).
+
+    Args:
+        ct: CT file or DICOM series folder.
+        mask: label mask (1 tibia, 2 femur).
+        model_path: model file from ``kneebatch build-model``.
+        subject_id: used in messages and rows.
+        side: ``L`` (mirrored), ``R`` or None.
+        config: extraction settings (defaults from DESIGN.md).
+
+    Raises:
+        KneebatchError: bad input or model.
+    """
+    spec = SubjectSpec(check_subject_id(subject_id), Path(ct).resolve(), Path(mask).resolve(),
+                       check_side(side))
+    return compute_subject(spec, config or ExtractionConfig(), get_model(Path(model_path)))
+
+
+def read_results(out: Path | str) -> Results:
+    """The Parquet datasets and failure list of a run folder."""
+    out = Path(out)
+    failures = out / "failures.csv"
+    return Results(
+        similarities=pd.read_parquet(out / "similarities"),
+        features=pd.read_parquet(out / "features"),
+        failures=pd.read_csv(failures) if failures.is_file() else pd.DataFrame(),
+    )

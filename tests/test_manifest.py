@@ -1,0 +1,76 @@
+"""Manifest parsing: every problem of every row, found before any compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kneebatch.errors import ManifestError
+from kneebatch.manifest import read_manifest
+
+
+def _write(tmp_path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path = tmp_path / "cohort" / "manifest.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def test_paths_resolve_against_the_manifest_folder_and_extras_are_kept(tmp_path: Path) -> None:
+    path = _write(tmp_path, "subject_id,ct,mask,side,site,age\n"
+                            "k1,img/k1.nii.gz,/abs/k1_mask.nii.gz,l,A,40\n"
+                            'k2,"a, b/ct.nrrd",m.nrrd,,B,\n')
+    specs = read_manifest(path)
+    assert specs[0].ct == (path.parent / "img" / "k1.nii.gz").resolve()
+    assert specs[0].mask == Path("/abs/k1_mask.nii.gz")
+    assert specs[0].side == "L" and specs[1].side is None
+    assert specs[1].ct == (path.parent / "a, b" / "ct.nrrd").resolve()
+    assert specs[0].extra == {"site": "A", "age": "40"} and specs[1].extra == {"site": "B", "age": ""}
+
+
+def test_bom_and_empty_rows_are_fine(tmp_path: Path) -> None:
+    path = _write(tmp_path, "subject_id,ct,mask\n\nk1,a,b\n,,\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [s.subject_id for s in read_manifest(path)] == ["k1"]
+
+
+def test_missing_column_names_the_header(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"lacks column\(s\) mask"):
+        read_manifest(_write(tmp_path, "subject_id,ct\nk1,a\n"))
+
+
+def test_every_problem_of_every_row_is_reported_at_once(tmp_path: Path) -> None:
+    path = _write(tmp_path, "subject_id,ct,mask,side\n"
+                            "k1,a,b,R\n"
+                            "../x,a,b,R\n"
+                            "a/b,a,b,R\n"
+                            "k1,a,b,R\n"
+                            "k4,,b,left\n"
+                            "k5,a,b,R,extra\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    message = info.value.message
+    assert "6 problem(s)" in message
+    assert "row 3: subject id '../x' is not allowed" in message
+    assert "row 4: subject id 'a/b' is not allowed" in message
+    assert "row 5: subject id 'k1' repeats row 2" in message
+    assert "row 6: side 'left' is not allowed" in message
+    assert "row 6: column 'ct' is empty" in message
+    assert "row 7: more fields than header columns" in message
+
+
+def test_an_empty_manifest_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="lists no subjects"):
+        read_manifest(_write(tmp_path, "subject_id,ct,mask\n"))
+
+
+def test_the_committed_sample_manifest_lists_what_sample_writes(tmp_path: Path) -> None:
+    from kneebatch.phantom import write_sample
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = read_manifest(repo / "manifests" / "sample.csv")
+    written = read_manifest(write_sample(tmp_path / "sample", 4, size="small"))
+    assert [(s.subject_id, s.ct.name, s.mask.name, s.side, s.extra) for s in committed] == [
+        (s.subject_id, s.ct.name, s.mask.name, s.side, s.extra) for s in written]
+    assert all(s.ct.parent == repo / "data" / "sample" for s in committed)
