@@ -43,7 +43,7 @@ def subject_dir(out: Path, subject_id: str) -> Path:
 def _atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, mode) as fh:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
