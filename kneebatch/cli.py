@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,7 @@ from kneebatch.config import DEFAULT_LAYERS, LAYERS, PAIRS, CropMode, Extraction
 from kneebatch.errors import ConfigError, KneebatchError
 
 if TYPE_CHECKING:
+    from kneebatch.cluster import ClusterSpec, SlurmOptions
     from kneebatch.similarity import SimilarityRow
 
 log = logging.getLogger("kneebatch")
@@ -129,12 +132,45 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
-def _cluster_spec(args: argparse.Namespace) -> object:
+def _slurm_options(args: argparse.Namespace) -> SlurmOptions:
+    from kneebatch.cluster import SlurmOptions
+
+    return SlurmOptions(cores=args.slurm_cores, memory=args.slurm_memory,
+                        walltime=args.slurm_walltime, partition=args.slurm_partition,
+                        account=args.slurm_account, directives=tuple(args.slurm_directive),
+                        max_jobs=args.slurm_max_jobs)
+
+
+def _cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     from kneebatch.cluster import ClusterSpec
 
+    slurm = _slurm_options(args) if args.cluster == "slurm" else None
+    if slurm and (args.scheduler_file or args.scheduler_address):
+        raise ConfigError("--cluster slurm starts its own scheduler; drop --scheduler-file/-address.")
     return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
                        scheduler_file=args.scheduler_file,
-                       scheduler_address=args.scheduler_address)
+                       scheduler_address=args.scheduler_address, slurm=slurm)
+
+
+def _cmd_job_script(args: argparse.Namespace) -> int:
+    from kneebatch.cluster import slurm_cluster
+
+    with slurm_cluster(_slurm_options(args), args.threads_per_worker or 2) as cluster:
+        print(cluster.job_script())
+    return EXIT_OK
+
+
+def _add_slurm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SLURM worker jobs (--cluster slurm, via dask-jobqueue)")
+    group.add_argument("--slurm-cores", type=int, default=8, help="cores per job (default: 8)")
+    group.add_argument("--slurm-memory", default="32GB", help="memory per job (default: 32GB)")
+    group.add_argument("--slurm-walltime", default="04:00:00", help="per job (default: 04:00:00)")
+    group.add_argument("--slurm-partition", default=None)
+    group.add_argument("--slurm-account", default=None)
+    group.add_argument("--slurm-directive", action="append", default=[], metavar="OPT",
+                       help="extra #SBATCH option, e.g. --slurm-directive=--qos=long (repeatable)")
+    group.add_argument("--slurm-max-jobs", type=int, default=4,
+                       help="at most this many worker jobs at once (default: 4)")
 
 
 def _print_summary_table(out: Path) -> None:
@@ -162,30 +198,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     model_path = _model_path(args)
     progress = Progress(len(specs), sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
                         every_n=args.progress_every)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.warning("received %s: finishing up; rerun the same command to resume",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, request_stop)
     summary = run_cohort(specs, args.out, model_path, config=config,
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
-                         on_progress=progress)
+                         on_progress=progress, stop=stop, gather_results=not args.no_gather)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
-    print(f"Results in {summary.out}: similarities/ and features/ (Parquet), run.json, "
-          "failures.csv, subjects/")
-    _print_summary_table(summary.out)
+    if args.no_gather:
+        print(f"Per-subject results in {summary.out / 'subjects'}; build the Parquet with "
+              f"`kneebatch gather {summary.out}` once every shard is done.")
+    else:
+        print(f"Results in {summary.out}: similarities/ and features/ (Parquet), run.json, "
+              "failures.csv, subjects/")
+        _print_summary_table(summary.out)
     if summary.failed:
         print(f"{summary.failed} subject(s) failed: see {summary.out / 'failures.csv'}")
+    if summary.stopped:
+        print("Stopped by a signal before the end: submit the same command again to finish.")
+        return EXIT_SIGNAL
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
 def _cmd_gather(args: argparse.Namespace) -> int:
-    import json
+    from kneebatch.gather import gather_run
 
-    from kneebatch.gather import gather
-
-    run_file = args.out / "run.json"
-    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    result = gather(args.out, record.get("run_id", "gather"),
-                    config_hash=record.get("config_hash"),
-                    model_sha256=record.get("model_sha256"), provenance=record or None)
+    result = gather_run(args.out)
     print(f"Gathered {result.subjects} subject(s) ({result.similarity_rows} similarity rows, "
           f"{result.feature_rows} feature rows) into {args.out}; {result.failures} failure(s) "
           "in failures.csv")
@@ -242,15 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="compute threads per worker (default: CPUs / workers; on a joined "
                         "scheduler: 1 per task slot)")
+    p.add_argument("--cluster", choices=["local", "slurm"], default="local",
+                   help="local: a LocalCluster here (default); slurm: worker jobs via dask-jobqueue")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
     p.add_argument("--shard", default=None, metavar="I/N", help="only subjects I, I+N, ... (0-based)")
     p.add_argument("--overwrite", action="store_true", help="recompute finished subjects too")
+    p.add_argument("--no-gather", action="store_true",
+                   help="skip the Parquet at the end (array shards: one `kneebatch gather` after)")
     p.add_argument("--progress-every", type=int, default=0, metavar="N",
                    help="in batch logs, a progress line every N subjects (default: 5%%)")
     _add_config_options(p)
+    _add_slurm_options(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("job-script", help="print the worker job script --cluster slurm submits")
+    p.add_argument("--threads-per-worker", type=int, default=2)
+    _add_slurm_options(p)
+    p.set_defaults(func=_cmd_job_script)
 
     p = sub.add_parser("gather", help="rebuild the Parquet datasets from OUT/subjects")
     p.add_argument("out", type=Path)

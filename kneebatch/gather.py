@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kneebatch.errors import OutputError
 from kneebatch.store import (
     read_done,
     read_features,
@@ -35,6 +36,7 @@ from kneebatch.store import (
 log = logging.getLogger(__name__)
 
 FAILURES_DIR = ".kneebatch/failures"  # one JSON per failed subject; failures.csv is made from them
+RUNS_DIR = ".kneebatch/runs"  # one JSON per run (or array shard); run.json is made from them
 FAILURE_COLUMNS = ("subject_id", "error", "stage", "ct", "mask", "time")
 PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash")
 
@@ -179,3 +181,42 @@ def gather(out: Path, run_id: str, *, config_hash: str | None = None,
         shutil.rmtree(feat_tmp, ignore_errors=True)
     failures = _write_failures(out, {f.name for f, _ in finished})
     return GatherResult(len(finished), sim_rows, feat_rows, failures, tuple(stale))
+
+
+def save_run_record(out: Path, record: dict[str, Any]) -> None:
+    """Keep one run's (or shard's) record for a later ``gather_run``."""
+    folder = out / RUNS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / f"{record['run_id']}.json",
+                      json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def latest_run_record(out: Path) -> dict[str, Any] | None:
+    """The record of the run that ended last, or None."""
+    records = []
+    folder = out / RUNS_DIR
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            records.append(json.loads(path.read_text()))
+    return max(records, key=lambda r: str(r.get("ended", ""))) if records else None
+
+
+def gather_run(out: Path, record: dict[str, Any] | None = None) -> GatherResult:
+    """Gather the subjects finished with ``record``'s settings (default: the latest run's) and
+    write ``run.json``: the record plus what the Parquet now holds.
+
+    Raises:
+        OutputError: no run has written to ``out`` yet.
+    """
+    record = record or latest_run_record(out)
+    if record is None:
+        raise OutputError(f"{out} holds no kneebatch run (no {RUNS_DIR}/); run `kneebatch run "
+                          f"MANIFEST --out {out}` first.")
+    provenance = {k: record.get(k) for k in ("run_id", "model_sha256", "weights", "config_hash",
+                                             "config", "versions")}
+    result = gather(out, record["run_id"], config_hash=record.get("config_hash"),
+                    model_sha256=record.get("model_sha256"), provenance=provenance)
+    summary = {**record, "parquet": {"subjects": result.subjects, "failures": result.failures,
+                                     "stale_subjects": len(result.stale)}}
+    write_text_atomic(out / "run.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return result

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from kneebatch import __version__
+from kneebatch.cluster import Connection
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError, OutputError
-from kneebatch.gather import clear_failure, gather, record_failure
+from kneebatch.gather import clear_failure, gather_run, record_failure, save_run_record
 from kneebatch.manifest import SubjectSpec, read_manifest
 from kneebatch.model import read_model_info
-from kneebatch.store import is_finished, write_text_atomic
+from kneebatch.store import is_finished, remove_temporaries
 from kneebatch.subject import SubjectOutcome, process_subject
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RunSummary:
     skipped: int
     wall_s: float
     out: Path
+    stopped: bool = False
 
     @property
     def knees_per_hour(self) -> float:
@@ -89,6 +91,8 @@ def run_cohort(
     cluster: Any = None,
     overwrite: bool = False,
     on_progress: Callable[[SubjectOutcome], None] | None = None,
+    stop: threading.Event | None = None,
+    gather_results: bool = True,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -102,6 +106,10 @@ def run_cohort(
         cluster: a ``ClusterSpec`` (default: a LocalCluster sized from this machine).
         overwrite: recompute finished subjects too.
         on_progress: called with each subject's outcome as it finishes.
+        stop: when set (e.g. by a SIGTERM handler), unfinished subjects are cancelled, what is
+            finished is gathered, and the summary says ``stopped``.
+        gather_results: build the Parquet datasets and run.json at the end (array shards leave
+            it to one ``kneebatch gather`` after all of them).
 
     Returns:
         Counts and timing.
@@ -109,8 +117,6 @@ def run_cohort(
     Raises:
         WeightsError, ConfigError, OutputError: nothing could run (bad model, options, output).
     """
-    from distributed import as_completed
-
     from kneebatch.cluster import ClusterSpec, open_client
 
     config = config or ExtractionConfig()
@@ -139,52 +145,78 @@ def run_cohort(
     if skipped:
         log.info("skipping %d subject(s) already finished with these settings (--overwrite "
                  "recomputes them)", skipped)
+    remove_temporaries(out, [s.subject_id for s in todo])  # left by a killed earlier run
     outcomes: list[SubjectOutcome] = []
+    stopped = False
     if todo:
-        def consume(dask_client: Any, threads: int) -> None:
-            futures = dask_client.map(
-                _run_one, todo, config=config, model_path=model_path.resolve(), out=out.resolve(),
-                threads=threads, key=[f"kneebatch-{run_id}-{s.subject_id}" for s in todo],
-                retries=RETRIES, pure=False)
-            by_key = {f.key: s for f, s in zip(futures, todo, strict=True)}
-            for future in as_completed(futures):
-                spec = by_key[future.key]
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # the worker died RETRIES + 1 times, or dask failed
-                    outcome = SubjectOutcome(spec.subject_id, False, (
-                        f"Subject {spec.subject_id}: its worker failed ({type(exc).__name__}: "
-                        f"{exc}). Often out of memory: give workers more memory or fewer "
-                        "threads, then rerun (finished subjects are kept)."), "worker")
-                _settle(out, spec, outcome)
-                outcomes.append(outcome)
-                if on_progress:
-                    on_progress(outcome)
+        def consume(connection: Connection) -> bool:
+            return _consume(connection, todo, config, model_path, out, run_id, outcomes,
+                            on_progress, stop)
 
         if client is not None:
             # A cluster we did not start: each of its task slots is one CPU unless told otherwise.
-            consume(client, getattr(cluster, "threads_per_worker", 0) or 1)
+            stopped = consume(Connection(client, getattr(cluster, "threads_per_worker", 0) or 1))
         else:
-            with open_client(cluster or ClusterSpec()) as (opened, threads):
-                consume(opened, threads)
-    provenance = {"run_id": run_id, "model_sha256": info.sha256, "weights": info.weights,
-                  "config_hash": config_hash, "config": config.to_dict(),
-                  "versions": {"kneebatch": __version__, "torch": info.torch,
-                               "torchvision": info.torchvision}}
-    gathered = gather(out, run_id, config_hash=config_hash, model_sha256=info.sha256,
-                      provenance=provenance)
+            with open_client(cluster or ClusterSpec()) as connection:
+                stopped = consume(connection)
     ok = sum(o.ok for o in outcomes)
     summary = RunSummary(run_id, len(specs), ok, len(outcomes) - ok, skipped,
-                         time.perf_counter() - t0, out)
-    record = {**provenance, "started": started.isoformat(timespec="seconds"),
+                         time.perf_counter() - t0, out, stopped)
+    record = {"run_id": run_id, "model_sha256": info.sha256, "weights": info.weights,
+              "config_hash": config_hash, "config": config.to_dict(),
+              "versions": {"kneebatch": __version__, "torch": info.torch,
+                           "torchvision": info.torchvision},
+              "started": started.isoformat(timespec="seconds"),
               "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "manifest": str(manifest_path) if manifest_path else None,
               "counts": {"total": summary.total, "ok": ok, "failed": summary.failed,
-                         "skipped": skipped, "in_parquet": gathered.subjects,
-                         "failures_csv": gathered.failures},
-              "stage_seconds": _stage_totals(outcomes), "wall_s": round(summary.wall_s, 2)}
-    write_text_atomic(out / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+                         "skipped": skipped},
+              "stage_seconds": _stage_totals(outcomes), "wall_s": round(summary.wall_s, 2),
+              "stopped": stopped}
+    save_run_record(out, record)
+    if gather_results:
+        gather_run(out, record)
     return summary
+
+
+def _consume(connection: Connection, todo: list[SubjectSpec], config: ExtractionConfig,
+             model_path: Path, out: Path, run_id: str, outcomes: list[SubjectOutcome],
+             on_progress: Callable[[SubjectOutcome], None] | None,
+             stop: threading.Event | None) -> bool:
+    """Submit the subjects, settle each as it finishes; True if ``stop`` cut the run short."""
+    from distributed import as_completed
+
+    client = connection.client
+    futures = client.map(
+        _run_one, todo, config=config, model_path=model_path.resolve(), out=out.resolve(),
+        threads=connection.threads, key=[f"kneebatch-{run_id}-{s.subject_id}" for s in todo],
+        retries=RETRIES, pure=False, resources=connection.resources)
+    by_key = {f.key: s for f, s in zip(futures, todo, strict=True)}
+    pending = as_completed(futures)
+    while not pending.is_empty():
+        if stop is not None and stop.is_set():
+            unfinished = [f for f in futures if not f.done()]
+            log.warning("stop requested: cancelling %d unfinished subject(s); rerun the same "
+                        "command to finish them", len(unfinished))
+            client.cancel(unfinished)
+            return True
+        batch = pending.next_batch(block=False)
+        if not batch:
+            time.sleep(0.2)
+        for future in batch:
+            spec = by_key[future.key]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # the worker died RETRIES + 1 times, or dask failed
+                outcome = SubjectOutcome(spec.subject_id, False, (
+                    f"Subject {spec.subject_id}: its worker failed ({type(exc).__name__}: "
+                    f"{exc}). Often out of memory: give workers more memory or fewer "
+                    "threads, then rerun (finished subjects are kept)."), "worker")
+            _settle(out, spec, outcome)
+            outcomes.append(outcome)
+            if on_progress:
+                on_progress(outcome)
+    return False
 
 
 def _settle(out: Path, spec: SubjectSpec, outcome: SubjectOutcome) -> None:

@@ -53,6 +53,14 @@ def _atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
             tmp.unlink()
 
 
+def remove_temporaries(out: Path, subject_ids: list[str]) -> None:
+    """Delete temporary files a killed run left in these subjects' folders (never a result)."""
+    for subject_id in subject_ids:
+        for tmp in subject_dir(out, subject_id).glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder."""
     with _atomic(path, "w") as fh:

@@ -95,8 +95,9 @@ def test_a_cohort_gives_parquet_per_subject_files_and_a_failure_list(first_run: 
     assert "missing_ct.nii.gz: does not exist" in failures["error"][0]
     assert not (first_run / "subjects" / "broken").exists()
     record = json.loads((first_run / "run.json").read_text())
-    assert record["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0,
-                                "in_parquet": 4, "failures_csv": 1}
+    assert record["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0}
+    assert record["parquet"] == {"subjects": 4, "failures": 1, "stale_subjects": 0}
+    assert record["weights"] == "random:seed=0" and record["stopped"] is False
     assert {"read", "preprocess", "forward.background", "write"} <= set(record["stage_seconds"])
     # the per-subject files hold the same numbers as the Parquet
     subject = pd.read_csv(first_run / "subjects" / "knee003" / "similarities.csv")
