@@ -1,0 +1,174 @@
+"""Every script in jobs/ and `--cluster slurm`, submitted to a real SLURM started by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kneebatch.cli import main
+from kneebatch.phantom import write_sample
+
+from .slurm import start_slurm
+from .test_run import assert_same_results
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+ATOL = 1e-5  # thread counts differ between layouts: float32 summation order only
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    yield from start_slurm(tmp_path_factory.mktemp("slurm"))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sample(tmp_path_factory.mktemp("slurm-cohort"), 4, size="small")
+
+
+@pytest.fixture(scope="module")
+def reference(cohort: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("slurm-ref") / "out"
+    assert main(["run", str(cohort), "--out", str(out), "--model", str(model_path),
+                 "--workers", "1", "--threads-per-worker", "1"]) == 0
+    return out
+
+
+@pytest.fixture
+def job_env(slurm: dict[str, str], model_path: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**slurm, "KNEEBATCH_MODEL": str(model_path),
+            "PATH": f"{bin_dir}:{slurm.get('PATH', '')}"}
+
+
+def sbatch(env: dict[str, str], log: Path, *args: str, wait: bool = True) -> str:
+    """Submit a job; with ``wait``, poll until it ends (faster than ``sbatch --wait``)."""
+    command = ["sbatch", "--parsable", f"--output={log}", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        pytest.fail(f"sbatch refused the job: {done.stderr}")
+    job = done.stdout.strip().split(";")[0]
+    if wait:
+        state, code = wait_for(env, job)
+        if (state, code) != ("COMPLETED", "0:0"):
+            pytest.fail(f"job {job} ended {state} {code}:\n{_read(log)[-5000:]}")
+    return job
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else "(no log)"
+
+
+def job_state(env: dict[str, str], job_id: str) -> tuple[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True,
+                           text=True).stdout
+    state = re.search(r"JobState=(\S+)", shown)
+    code = re.search(r"ExitCode=(\S+)", shown)
+    return (state.group(1) if state else "GONE", code.group(1) if code else "")
+
+
+def wait_for(env: dict[str, str], job_id: str, timeout: float = 600) -> tuple[str, str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state, code = job_state(env, job_id)
+        if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            return state, code
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still running")
+
+
+def test_cohort_node_script(job_env: dict[str, str], cohort: Path, reference: Path,
+                            tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sbatch(job_env, tmp_path / "job.log", "--cpus-per-task=2", "--mem=4G",
+           str(JOBS / "cohort-node.sbatch"), str(cohort), str(out))
+    # sized from the allocation: SLURM_CPUS_PER_TASK=2, SLURM_MEM_PER_NODE=4096
+    assert "1 worker(s) x 2 thread(s), 4.0 GiB each" in _read(tmp_path / "job.log")
+    assert_same_results(reference, out, atol=ATOL)
+
+
+def test_cohort_multinode_script(job_env: dict[str, str], cohort: Path, reference: Path,
+                                 tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sbatch(job_env, tmp_path / "job.log", "--nodes=1", "--ntasks-per-node=2",
+           "--cpus-per-task=1", "--mem-per-cpu=2G", str(JOBS / "cohort-multinode.sbatch"),
+           str(cohort), str(out))
+    log = _read(tmp_path / "job.log")
+    assert "joined scheduler" in log and "with 2 workers" in log, log[-5000:]
+    assert_same_results(reference, out, atol=ATOL)
+    assert not list((out / ".kneebatch").glob("scheduler-*.json")), "scheduler file not cleaned"
+
+
+def test_array_and_gather_scripts(job_env: dict[str, str], cohort: Path, reference: Path,
+                                  tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**job_env, "SBATCH_OPTIONS": f"--cpus-per-task=1 --mem=2G --output={tmp_path}/%j.log"}
+    done = subprocess.run([str(JOBS / "submit-array.sh"), str(cohort), str(out), "2"], env=env,
+                          capture_output=True, text=True, check=True)
+    array_id, gather_id = done.stdout.split()
+    assert wait_for(env, gather_id)[0] == "COMPLETED", _read(tmp_path / f"{gather_id}.log")
+    assert len(list((out / ".kneebatch" / "runs").glob("*.json"))) == 2  # one per shard
+    assert_same_results(reference, out, atol=ATOL)
+    record = json.loads((out / "run.json").read_text())
+    assert record["parquet"]["subjects"] == 4
+
+
+def test_walltime_signal_stops_cleanly_and_a_resubmit_finishes(
+        job_env: dict[str, str], model_path: Path, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    cohort = write_sample(tmp_path / "cohort", 10, size="small")
+    out = tmp_path / "out"
+    job = sbatch(job_env, tmp_path / "job.log", "--cpus-per-task=1", "--mem=2G",
+                 str(JOBS / "cohort-node.sbatch"), str(cohort), str(out), wait=False)
+    end = time.monotonic() + 300
+    while len(list(out.glob("subjects/*/done.json"))) < 2 and time.monotonic() < end:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=job_env, check=True)
+    state, code = wait_for(job_env, job)
+    assert code == "75:0", f"{state} {code}\n{_read(tmp_path / 'job.log')}"
+    finished = len(list(out.glob("subjects/*/done.json")))
+    assert 2 <= finished < 10
+    assert not list(out.rglob("*.tmp")), "a half-written file was left"
+    record = json.loads((out / "run.json").read_text())
+    assert record["stopped"] is True and record["parquet"]["subjects"] == finished
+    sbatch(job_env, tmp_path / "again.log", "--cpus-per-task=1", "--mem=2G",
+           str(JOBS / "cohort-node.sbatch"), str(cohort), str(out))
+    assert f"{10 - finished} finished, 0 failed, {finished} skipped" in _read(
+        tmp_path / "again.log")
+    reference = tmp_path / "ref"
+    assert main(["run", str(cohort), "--out", str(reference), "--model", str(model_path),
+                 "--workers", "1", "--threads-per-worker", "1"]) == 0
+    assert_same_results(reference, out, atol=ATOL)
+
+
+def test_cluster_slurm_submits_worker_jobs(job_env: dict[str, str], cohort: Path,
+                                           reference: Path, model_path: Path,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "kneebatch", "run", str(cohort), "--out", str(out),
+               "--model", str(model_path), "--cluster", "slurm", "--slurm-cores", "2",
+               "--slurm-memory", "4GB", "--slurm-walltime", "00:30:00", "--slurm-max-jobs", "1",
+               "--threads-per-worker", "1",
+               f"--slurm-directive=--output={tmp_path}/worker-%j.log"]
+    done = subprocess.run(command, env=job_env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(tmp_path.glob("worker-*.log")), "no SLURM worker job ran"
+    assert_same_results(reference, out, atol=ATOL)
+
+
+def test_exported_environment_reaches_jobs(job_env: dict[str, str], tmp_path: Path) -> None:
+    script = tmp_path / "env.sh"
+    script.write_text("#!/bin/bash\necho model=$KNEEBATCH_MODEL; kneebatch --version\n")
+    sbatch(job_env, tmp_path / "env.log", str(script))
+    text = _read(tmp_path / "env.log")
+    assert f"model={os.environ.get('KNEEBATCH_MODEL', job_env['KNEEBATCH_MODEL'])}" in text
+    assert "kneebatch 0.1.0" in text
