@@ -114,11 +114,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from kneebatch.io import check_headers
-    from kneebatch.manifest import read_manifest
+    from kneebatch.manifest import parse_manifest
+    from kneebatch.memory import estimate_bytes, gib
 
     config = _config(args)
-    specs = read_manifest(args.manifest)
-    problems = 0
+    specs, row_problems = parse_manifest(args.manifest)
+    for row in row_problems:
+        print(f"FAIL {row.subject_id or '(no id)'}: manifest {row.message}")
+    problems = len(row_problems)
     for spec in specs:
         try:
             header = check_headers(spec, config)
@@ -126,9 +129,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             problems += 1
             print(f"FAIL {spec.subject_id}: {exc.message}")
             continue
+        need = estimate_bytes(header.size, header.spacing, config)
         print(f"ok   {spec.subject_id}: {header.size[0]}x{header.size[1]}x{header.size[2]} "
-              f"{header.pixel}, spacing {tuple(round(s, 3) for s in header.spacing)} mm")
-    print(f"{len(specs) - problems} of {len(specs)} subject(s) look fine; {problems} problem(s).")
+              f"{header.pixel}, spacing {tuple(round(s, 3) for s in header.spacing)} mm, "
+              f"needs about {gib(need)} per worker")
+    rows = len(specs) + len(row_problems)
+    print(f"{rows - problems} of {rows} subject(s) look fine; {problems} problem(s).")
     return EXIT_FAILED if problems else EXIT_OK
 
 
@@ -147,9 +153,19 @@ def _cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     slurm = _slurm_options(args) if args.cluster == "slurm" else None
     if slurm and (args.scheduler_file or args.scheduler_address):
         raise ConfigError("--cluster slurm starts its own scheduler; drop --scheduler-file/-address.")
+    memory = 0
+    if args.memory_per_worker:
+        from dask.utils import parse_bytes
+
+        try:
+            memory = parse_bytes(args.memory_per_worker)
+        except ValueError as exc:
+            raise ConfigError(f"--memory-per-worker {args.memory_per_worker!r} is not a size; "
+                              "e.g. --memory-per-worker 4GB.") from exc
     return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
                        scheduler_file=args.scheduler_file,
-                       scheduler_address=args.scheduler_address, slurm=slurm)
+                       scheduler_address=args.scheduler_address, memory_limit_bytes=memory,
+                       slurm=slurm)
 
 
 def _cmd_job_script(args: argparse.Namespace) -> int:
@@ -189,12 +205,15 @@ def _print_summary_table(out: Path) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kneebatch.manifest import read_manifest
+    from kneebatch.manifest import parse_manifest
     from kneebatch.progress import Progress
     from kneebatch.run import run_cohort, shard
 
     config = _config(args)
-    specs = shard(read_manifest(args.manifest), args.shard)
+    all_specs, row_problems = parse_manifest(args.manifest)
+    if not all_specs and not row_problems:
+        raise ConfigError(f"Manifest {args.manifest} lists no subjects; add one row per knee.")
+    specs = shard(all_specs, args.shard)
     model_path = _model_path(args)
     progress = Progress(len(specs), sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
                         every_n=args.progress_every)
@@ -209,7 +228,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signum, request_stop)
     summary = run_cohort(specs, args.out, model_path, config=config,
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
-                         on_progress=progress, stop=stop, gather_results=not args.no_gather)
+                         on_progress=progress, stop=stop, gather_results=not args.no_gather,
+                         manifest_problems=row_problems)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -288,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="compute threads per worker (default: CPUs / workers; on a joined "
                         "scheduler: 1 per task slot)")
+    p.add_argument("--memory-per-worker", default=None, metavar="SIZE",
+                   help="memory limit of each local worker, e.g. 4GB (default: the job's memory "
+                        "/ workers); subjects predicted to need more are refused")
     p.add_argument("--cluster", choices=["local", "slurm"], default="local",
                    help="local: a LocalCluster here (default); slurm: worker jobs via dask-jobqueue")
     where = p.add_mutually_exclusive_group()

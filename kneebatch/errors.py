@@ -65,3 +65,10 @@ class OutputError(KneebatchError):
     """An output folder or file that cannot be written."""
 
     stage = "write"
+
+
+class MemoryLimitError(KneebatchError):
+    """A subject whose predicted memory exceeds what its worker may use."""
+
+    stage = "memory"
+    subject_failure = True

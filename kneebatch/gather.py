@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneebatch.errors import OutputError
+from kneebatch.manifest import RowProblem
 from kneebatch.store import (
     read_done,
     read_features,
@@ -52,11 +53,28 @@ class GatherResult:
     stale: tuple[str, ...]
 
 
-def record_failure(out: Path, subject_id: str, record: dict[str, Any]) -> None:
-    """Remember a subject's failure (for ``failures.csv``); replaces an older record."""
+def record_failure(out: Path, key: str, record: dict[str, Any]) -> None:
+    """Remember a failure (for ``failures.csv``) under ``key`` (a checked subject id or
+    ``manifest-row-N``); replaces an older record with the same key."""
     folder = out / FAILURES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / f"{subject_id}.json", json.dumps(record, sort_keys=True))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / f"{key}.json", json.dumps(record, sort_keys=True))
+    except OSError as exc:  # e.g. the disk is full: the run goes on, the log keeps the reason
+        log.error("cannot record the failure of %s in %s: %s", record.get("subject_id"), folder,
+                  exc)
+
+
+def record_manifest_problems(out: Path, problems: list[RowProblem]) -> None:
+    """Replace the recorded manifest-row failures by ``problems`` (the manifest may be fixed)."""
+    folder = out / FAILURES_DIR
+    for stale in folder.glob("manifest-row-*.json") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    for problem in problems:
+        record_failure(out, f"manifest-row-{problem.line}", {
+            "subject_id": problem.subject_id, "error": problem.message, "stage": "manifest",
+            "ct": "", "mask": "", "time": ""})
 
 
 def clear_failure(out: Path, subject_id: str) -> None:
@@ -70,7 +88,7 @@ def _write_failures(out: Path, finished: set[str]) -> int:
     folder = out / FAILURES_DIR
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         if path.stem in finished:
-            continue  # a later run finished it
+            continue  # a later run finished it (manifest-row-* keys never match an id)
         with contextlib.suppress(OSError, ValueError):
             rows.append(json.loads(path.read_text()))
     buffer = io.StringIO()

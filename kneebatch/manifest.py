@@ -37,6 +37,15 @@ class SubjectSpec:
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowProblem:
+    """A manifest row that cannot be used; a cohort run lists it in ``failures.csv``."""
+
+    line: int
+    subject_id: str
+    message: str
+
+
 def check_subject_id(subject_id: str, where: str = "") -> str:
     """Return ``subject_id`` if it is safe as a folder name, else raise ManifestError."""
     if not subject_id or subject_id in (".", "..") or not _SAFE_ID.match(subject_id):
@@ -89,17 +98,18 @@ def _row_problems(row: dict[str, str], line: int, folder: Path) -> tuple[Subject
     return spec, []
 
 
-def read_manifest(path: Path) -> list[SubjectSpec]:
-    """Parse and check a manifest; every problem of every row is reported at once.
+def parse_manifest(path: Path) -> tuple[list[SubjectSpec], list[RowProblem]]:
+    """Parse a manifest, keeping the usable rows and listing the others.
 
     Args:
         path: the CSV (UTF-8, a BOM is accepted).
 
     Returns:
-        One spec per row, in file order; fully empty rows are skipped.
+        The usable subjects in file order (fully empty rows skipped) and the rows with problems
+        (bad, unsafe or repeated ids, bad sides, empty paths, stray fields).
 
     Raises:
-        ManifestError: listing every problem found (missing columns, bad or duplicate ids, ...).
+        ManifestError: the file cannot be read or lacks a required column.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -115,26 +125,37 @@ def read_manifest(path: Path) -> list[SubjectSpec]:
         )
     reader.fieldnames = header
     specs: list[SubjectSpec] = []
-    problems: list[str] = []
+    problems: list[RowProblem] = []
     seen: dict[str, int] = {}
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
+        line = reader.line_num  # file line, blank lines counted
         if all(not (v or "").strip() for k, v in row.items() if k is not None) and None not in row:
             continue
         spec, row_problems = _row_problems(row, line, path.parent.resolve())
-        problems.extend(row_problems)
+        raw_id = (row.get("subject_id") or "").strip()
+        problems.extend(RowProblem(line, raw_id, p) for p in row_problems)
         if spec is None:
             continue
         if spec.subject_id in seen:
-            problems.append(
-                f"row {line}: subject id {spec.subject_id!r} repeats row {seen[spec.subject_id]}; "
-                "subject ids must be unique."
-            )
+            problems.append(RowProblem(line, raw_id, (
+                f"row {line}: subject id {spec.subject_id!r} repeats row "
+                f"{seen[spec.subject_id]}; subject ids must be unique.")))
             continue
         seen[spec.subject_id] = line
         specs.append(spec)
+    return specs, problems
+
+
+def read_manifest(path: Path) -> list[SubjectSpec]:
+    """Parse a manifest strictly: every problem of every row is reported at once.
+
+    Raises:
+        ManifestError: listing every problem found, or when no row is left.
+    """
+    specs, problems = parse_manifest(path)
     if problems:
         raise ManifestError(f"Manifest {path} has {len(problems)} problem(s):\n  " +
-                            "\n  ".join(problems))
+                            "\n  ".join(p.message for p in problems))
     if not specs:
         raise ManifestError(f"Manifest {path} lists no subjects; add one row per knee.")
     return specs

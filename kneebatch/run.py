@@ -16,8 +16,14 @@ from kneebatch import __version__
 from kneebatch.cluster import Connection
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError, OutputError
-from kneebatch.gather import clear_failure, gather_run, record_failure, save_run_record
-from kneebatch.manifest import SubjectSpec, read_manifest
+from kneebatch.gather import (
+    clear_failure,
+    gather_run,
+    record_failure,
+    record_manifest_problems,
+    save_run_record,
+)
+from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
 from kneebatch.model import read_model_info
 from kneebatch.store import is_finished, remove_temporaries
 from kneebatch.subject import SubjectOutcome, process_subject
@@ -67,10 +73,13 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
 def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
              threads: int) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
+    from distributed import get_worker
+
     from kneebatch.runtime import configure_compute
 
     configure_compute(threads)
-    return process_subject(spec, config, model_path, out)
+    limit = get_worker().memory_manager.memory_limit
+    return process_subject(spec, config, model_path, out, memory_limit_bytes=limit or None)
 
 
 def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
@@ -93,6 +102,7 @@ def run_cohort(
     on_progress: Callable[[SubjectOutcome], None] | None = None,
     stop: threading.Event | None = None,
     gather_results: bool = True,
+    manifest_problems: list[RowProblem] | None = None,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -110,6 +120,8 @@ def run_cohort(
             finished is gathered, and the summary says ``stopped``.
         gather_results: build the Parquet datasets and run.json at the end (array shards leave
             it to one ``kneebatch gather`` after all of them).
+        manifest_problems: unusable manifest rows (from ``parse_manifest``), listed in
+            ``failures.csv`` and counted as failed.
 
     Returns:
         Counts and timing.
@@ -121,11 +133,13 @@ def run_cohort(
 
     config = config or ExtractionConfig()
     out, model_path = Path(out), Path(model_path)
+    problems = list(manifest_problems or [])
     if isinstance(manifest, list):
         manifest_path, specs = None, manifest
     else:
         manifest_path = Path(manifest)
-        specs = read_manifest(manifest_path)
+        specs, found = parse_manifest(manifest_path)
+        problems += found
     info = read_model_info(model_path)
     if info.weights.startswith("random"):
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
@@ -146,6 +160,7 @@ def run_cohort(
         log.info("skipping %d subject(s) already finished with these settings (--overwrite "
                  "recomputes them)", skipped)
     remove_temporaries(out, [s.subject_id for s in todo])  # left by a killed earlier run
+    record_manifest_problems(out, problems)
     outcomes: list[SubjectOutcome] = []
     stopped = False
     if todo:
@@ -160,8 +175,9 @@ def run_cohort(
             with open_client(cluster or ClusterSpec()) as connection:
                 stopped = consume(connection)
     ok = sum(o.ok for o in outcomes)
-    summary = RunSummary(run_id, len(specs), ok, len(outcomes) - ok, skipped,
-                         time.perf_counter() - t0, out, stopped)
+    summary = RunSummary(run_id, len(specs) + len(problems), ok,
+                         len(outcomes) - ok + len(problems), skipped, time.perf_counter() - t0, out,
+                         stopped)
     record = {"run_id": run_id, "model_sha256": info.sha256, "weights": info.weights,
               "config_hash": config_hash, "config": config.to_dict(),
               "versions": {"kneebatch": __version__, "torch": info.torch,

@@ -19,10 +19,11 @@ import numpy as np
 
 from kneebatch import __version__
 from kneebatch.config import REGIONS, ExtractionConfig
-from kneebatch.errors import KneebatchError
+from kneebatch.errors import KneebatchError, MemoryLimitError
 from kneebatch.features import extract_features
-from kneebatch.io import load_scan
+from kneebatch.io import check_headers, load_scan
 from kneebatch.manifest import SubjectSpec
+from kneebatch.memory import estimate_bytes, gib
 from kneebatch.model import LoadedModel, get_model
 from kneebatch.regions import make_regions
 from kneebatch.similarity import SimilarityRow, similarities
@@ -137,8 +138,25 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
     }
 
 
+def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int) -> None:
+    """Refuse a subject whose predicted peak memory exceeds ``limit_bytes`` (headers only).
+
+    Raises:
+        MemoryLimitError: with both numbers and what to do.
+        InputImageError: the headers cannot be read.
+    """
+    header = check_headers(spec, config)
+    need = estimate_bytes(header.size, header.spacing, config)
+    if need > limit_bytes:
+        raise MemoryLimitError(
+            f"Subject {spec.subject_id}: CT {spec.ct} ({'x'.join(map(str, header.size))} voxels) "
+            f"needs about {gib(need)} but a worker may use {gib(limit_bytes)}. Give workers more "
+            "memory (fewer --workers, or a larger --mem), or use the default 1 mm spacing and crop."
+        )
+
+
 def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Path,
-                    out: Path) -> SubjectOutcome:
+                    out: Path, memory_limit_bytes: int | None = None) -> SubjectOutcome:
     """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
 
     Args:
@@ -146,6 +164,8 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
         config: extraction settings.
         model_path: model file from ``kneebatch build-model`` (loaded once per process).
         out: the run's output folder.
+        memory_limit_bytes: refuse the subject (stage ``memory``) if its predicted peak memory
+            is larger.
 
     Returns:
         ``ok=True`` with timings, or ``ok=False`` with the error message and the stage it
@@ -155,14 +175,17 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
     start = time.perf_counter()
     try:
         model = get_model(model_path)
+        if memory_limit_bytes:
+            stage.append("memory")
+            check_memory(spec, config, memory_limit_bytes)
         result = compute_subject(spec, config, model, stage=stage)
         stage.append("write")
         done = _done_record(spec, result, config, model)
         timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done, start)
     except KneebatchError as exc:
-        log.error("Subject %s failed at %s: %s", spec.subject_id, stage[-1], exc.message)
+        log.error("Subject %s failed at %s: %s", spec.subject_id, exc.stage, exc.message)
         log.debug("Subject %s: traceback", spec.subject_id, exc_info=True)
-        return SubjectOutcome(spec.subject_id, False, exc.message, stage[-1])
+        return SubjectOutcome(spec.subject_id, False, exc.message, exc.stage)
     except Exception as exc:  # one subject's surprise must not stop the cohort
         log.error("Subject %s failed at %s with an unexpected error:\n%s", spec.subject_id,
                   stage[-1], traceback.format_exc())

@@ -6,6 +6,7 @@ tests are skipped with the reason, except under ``CI=true``, where that is a fai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -60,10 +61,8 @@ def _stop_ours() -> None:
         except OSError:
             continue
         if MARK in cmdline and ("slurmctld" in cmdline or "slurmd" in cmdline):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(int(proc.name), signal.SIGTERM)
-            except OSError:
-                pass
     time.sleep(1)
 
 

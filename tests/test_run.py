@@ -219,10 +219,11 @@ def test_killed_run_resumes_to_the_same_parquet(first_run: Path, cohort: Path, m
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.glob("subjects/*/done.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list(out.glob("subjects/*/done.json"))) < 4, "killed too late to test resume"
+    assert 1 <= len(list(out.glob("subjects/*/done.json"))) < 4, "killed too late to test resume"
     assert main(["run", str(cohort), "--out", str(out), "--model", str(model_path), "--workers",
                  "2", "--threads-per-worker", "1"]) == 1
     assert_same_results(first_run, out)

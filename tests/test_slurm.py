@@ -113,7 +113,7 @@ def test_array_and_gather_scripts(job_env: dict[str, str], cohort: Path, referen
     env = {**job_env, "SBATCH_OPTIONS": f"--cpus-per-task=1 --mem=2G --output={tmp_path}/%j.log"}
     done = subprocess.run([str(JOBS / "submit-array.sh"), str(cohort), str(out), "2"], env=env,
                           capture_output=True, text=True, check=True)
-    array_id, gather_id = done.stdout.split()
+    _array_id, gather_id = done.stdout.split()
     assert wait_for(env, gather_id)[0] == "COMPLETED", _read(tmp_path / f"{gather_id}.log")
     assert len(list((out / ".kneebatch" / "runs").glob("*.json"))) == 2  # one per shard
     assert_same_results(reference, out, atol=ATOL)
