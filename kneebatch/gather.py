@@ -69,7 +69,7 @@ def record_manifest_problems(out: Path, problems: list[RowProblem]) -> None:
     """Replace the recorded manifest-row failures by ``problems`` (the manifest may be fixed)."""
     folder = out / FAILURES_DIR
     for stale in folder.glob("manifest-row-*.json") if folder.is_dir() else []:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             stale.unlink()
     for problem in problems:
         record_failure(out, f"manifest-row-{problem.line}", {
@@ -201,12 +201,24 @@ def gather(out: Path, run_id: str, *, config_hash: str | None = None,
     return GatherResult(len(finished), sim_rows, feat_rows, failures, tuple(stale))
 
 
+def _unwritable(out: Path, exc: OSError) -> OutputError:
+    return OutputError(f"Cannot write to {out} ({exc.strerror or exc}). Free some space or make "
+                       "it writable, then rerun the same command: finished subjects are kept.")
+
+
 def save_run_record(out: Path, record: dict[str, Any]) -> None:
-    """Keep one run's (or shard's) record for a later ``gather_run``."""
+    """Keep one run's (or shard's) record for a later ``gather_run``.
+
+    Raises:
+        OutputError: it cannot be written.
+    """
     folder = out / RUNS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / f"{record['run_id']}.json",
-                      json.dumps(record, indent=2, sort_keys=True) + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / f"{record['run_id']}.json",
+                          json.dumps(record, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise _unwritable(out, exc) from exc
 
 
 def latest_run_record(out: Path) -> dict[str, Any] | None:
@@ -232,9 +244,12 @@ def gather_run(out: Path, record: dict[str, Any] | None = None) -> GatherResult:
                           f"MANIFEST --out {out}` first.")
     provenance = {k: record.get(k) for k in ("run_id", "model_sha256", "weights", "config_hash",
                                              "config", "versions")}
-    result = gather(out, record["run_id"], config_hash=record.get("config_hash"),
-                    model_sha256=record.get("model_sha256"), provenance=provenance)
-    summary = {**record, "parquet": {"subjects": result.subjects, "failures": result.failures,
-                                     "stale_subjects": len(result.stale)}}
-    write_text_atomic(out / "run.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    try:
+        result = gather(out, record["run_id"], config_hash=record.get("config_hash"),
+                        model_sha256=record.get("model_sha256"), provenance=provenance)
+        summary = {**record, "parquet": {"subjects": result.subjects, "failures": result.failures,
+                                         "stale_subjects": len(result.stale)}}
+        write_text_atomic(out / "run.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise _unwritable(out, exc) from exc
     return result

@@ -115,6 +115,9 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
         done = {**done, "timings_s": {k: round(v, 4) for k, v in timings.items()}}
         write_text_atomic(folder / DONE, json.dumps(done, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
+        for name in (FEATURES, SIMILARITIES):  # no half set of files without its done.json
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
         raise OutputError(
             f"Subject {subject_id}: cannot write {folder} ({exc.strerror or exc}). Check that "
             "the output folder is writable and has free space; finished subjects are kept."
