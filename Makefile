@@ -35,7 +35,8 @@ $(SAMPLE)/manifest.csv: | $(VENV)/.installed
 	$(KB) sample $(SAMPLE) --subjects $(SUBJECTS)
 
 run: $(MODEL) $(SAMPLE)/manifest.csv
-	$(KB) run $(MANIFEST) --out $(OUT) --model $(MODEL)
+	$(KB) run $(MANIFEST) --out $(OUT) --model $(MODEL) --qc
+	$(KB) report $(OUT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check kneebatch tests benchmarks

@@ -229,7 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_cohort(specs, args.out, model_path, config=config,
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
                          on_progress=progress, stop=stop, gather_results=not args.no_gather,
-                         manifest_problems=row_problems)
+                         manifest_problems=row_problems, qc=args.qc)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -255,6 +255,20 @@ def _cmd_gather(args: argparse.Namespace) -> int:
     print(f"Gathered {result.subjects} subject(s) ({result.similarity_rows} similarity rows, "
           f"{result.feature_rows} feature rows) into {args.out}; {result.failures} failure(s) "
           "in failures.csv")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kneebatch.cohort_report import write_cohort_report
+
+    if not args.no_qc:
+        from kneebatch.qc import write_missing_qc
+
+        written, failed = write_missing_qc(args.out, redo=args.redo_qc)
+        print(f"Wrote {written} QC picture(s) in {args.out / 'subjects'}"
+              + (f"; {failed} could not be made (see the log)" if failed else ""))
+    index = write_cohort_report(args.out)
+    print(f"Cohort report: {index}")
     return EXIT_OK
 
 
@@ -318,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
     p.add_argument("--shard", default=None, metavar="I/N", help="only subjects I, I+N, ... (0-based)")
     p.add_argument("--overwrite", action="store_true", help="recompute finished subjects too")
+    p.add_argument("--qc", action="store_true",
+                   help="write each subject's qc.png as it finishes (see `kneebatch report`)")
     p.add_argument("--no-gather", action="store_true",
                    help="skip the Parquet at the end (array shards: one `kneebatch gather` after)")
     p.add_argument("--progress-every", type=int, default=0, metavar="N",
@@ -330,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=2)
     _add_slurm_options(p)
     p.set_defaults(func=_cmd_job_script)
+
+    p = sub.add_parser("report", help="QC pictures per subject and cohort figures in OUT/report")
+    p.add_argument("out", type=Path)
+    p.add_argument("--no-qc", action="store_true", help="cohort figures only")
+    p.add_argument("--redo-qc", action="store_true", help="redraw existing qc.png too")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("gather", help="rebuild the Parquet datasets from OUT/subjects")
     p.add_argument("out", type=Path)

@@ -29,12 +29,16 @@ class Regions:
         boxes: region name -> ((z0, z1), (y0, y1), (x0, x1)) crop box on the resampled grid.
         spacing_mm: voxel size of the volumes (z, y, x).
         grid_shape: shape of the resampled (uncropped) volume (z, y, x).
+        grid_hu, grid_mask: that volume in HU (clipped to the window) and its labels, kept only
+            when asked for (QC pictures show exactly what the network was fed).
     """
 
     volumes: dict[str, np.ndarray]
     boxes: dict[str, tuple[tuple[int, int], ...]]
     spacing_mm: tuple[float, float, float]
     grid_shape: tuple[int, int, int]
+    grid_hu: np.ndarray | None = None
+    grid_mask: np.ndarray | None = None
 
 
 def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float,
@@ -82,12 +86,13 @@ def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
     return np.pad(volume, widths, constant_values=air)
 
 
-def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
+def make_regions(scan: Scan, config: ExtractionConfig, *, keep_grid: bool = False) -> Regions:
     """Split a scan into the three network inputs.
 
     Args:
         scan: CT (HU) and mask, (z, y, x).
         config: window, spacing, crop, margin, padding settings.
+        keep_grid: also return the resampled volume and labels (for QC pictures).
 
     Returns:
         The region volumes and their crop boxes.
@@ -134,4 +139,6 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
         boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], shape, strict=True)) for n in REGIONS},
         spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         grid_shape=(shape[0], shape[1], shape[2]),
+        grid_hu=ct if keep_grid else None,
+        grid_mask=mask if keep_grid else None,
     )

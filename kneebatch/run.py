@@ -71,7 +71,7 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
 
 
 def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
-             threads: int) -> SubjectOutcome:
+             threads: int, qc: bool) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
     from distributed import get_worker
 
@@ -79,7 +79,7 @@ def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out:
 
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit
-    return process_subject(spec, config, model_path, out, memory_limit_bytes=limit or None)
+    return process_subject(spec, config, model_path, out, memory_limit_bytes=limit or None, qc=qc)
 
 
 def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
@@ -103,6 +103,7 @@ def run_cohort(
     stop: threading.Event | None = None,
     gather_results: bool = True,
     manifest_problems: list[RowProblem] | None = None,
+    qc: bool = False,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -122,6 +123,7 @@ def run_cohort(
             it to one ``kneebatch gather`` after all of them).
         manifest_problems: unusable manifest rows (from ``parse_manifest``), listed in
             ``failures.csv`` and counted as failed.
+        qc: write each subject's ``qc.png`` as it finishes.
 
     Returns:
         Counts and timing.
@@ -165,7 +167,7 @@ def run_cohort(
     stopped = False
     if todo:
         def consume(connection: Connection) -> bool:
-            return _consume(connection, todo, config, model_path, out, run_id, outcomes,
+            return _consume(connection, todo, config, model_path, out, run_id, qc, outcomes,
                             on_progress, stop)
 
         if client is not None:
@@ -196,7 +198,7 @@ def run_cohort(
 
 
 def _consume(connection: Connection, todo: list[SubjectSpec], config: ExtractionConfig,
-             model_path: Path, out: Path, run_id: str, outcomes: list[SubjectOutcome],
+             model_path: Path, out: Path, run_id: str, qc: bool, outcomes: list[SubjectOutcome],
              on_progress: Callable[[SubjectOutcome], None] | None,
              stop: threading.Event | None) -> bool:
     """Submit the subjects, settle each as it finishes; True if ``stop`` cut the run short."""
@@ -205,7 +207,7 @@ def _consume(connection: Connection, todo: list[SubjectSpec], config: Extraction
     client = connection.client
     futures = client.map(
         _run_one, todo, config=config, model_path=model_path.resolve(), out=out.resolve(),
-        threads=connection.threads, key=[f"kneebatch-{run_id}-{s.subject_id}" for s in todo],
+        threads=connection.threads, qc=qc, key=[f"kneebatch-{run_id}-{s.subject_id}" for s in todo],
         retries=RETRIES, pure=False, resources=connection.resources)
     by_key = {f.key: s for f, s in zip(futures, todo, strict=True)}
     pending = as_completed(futures)

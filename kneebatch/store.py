@@ -67,6 +67,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder."""
+    with _atomic(path) as fh:
+        fh.write(data)
+
+
 def _similarities_csv(rows: list[SimilarityRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -79,7 +85,7 @@ def _similarities_csv(rows: list[SimilarityRow]) -> str:
 
 def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.ndarray]],
                   rows: list[SimilarityRow], done: dict[str, Any],
-                  started: float) -> dict[str, float]:
+                  started: float, extra: dict[str, bytes] | None = None) -> dict[str, float]:
     """Write a subject's three files; ``done.json`` last, with the write and total times added.
 
     Args:
@@ -89,6 +95,7 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
         rows: the similarity rows.
         done: the provenance and ``timings_s`` for ``done.json``.
         started: ``time.perf_counter()`` when the subject started (for the total time).
+        extra: more files to write before ``done.json`` (e.g. ``qc.png``).
 
     Returns:
         The timings written (seconds per stage).
@@ -110,12 +117,14 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
         with _atomic(folder / FEATURES) as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
         write_text_atomic(folder / SIMILARITIES, _similarities_csv(rows))
+        for name, data in (extra or {}).items():
+            write_bytes_atomic(folder / name, data)
         now = time.perf_counter()
         timings = {**done["timings_s"], "write": now - write_start, "total": now - started}
         done = {**done, "timings_s": {k: round(v, 4) for k, v in timings.items()}}
         write_text_atomic(folder / DONE, json.dumps(done, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
-        for name in (FEATURES, SIMILARITIES):  # no half set of files without its done.json
+        for name in (FEATURES, SIMILARITIES, *(extra or {})):  # no half set without done.json
             with contextlib.suppress(OSError):
                 (folder / name).unlink()
         raise OutputError(

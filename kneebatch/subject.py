@@ -45,6 +45,7 @@ class SubjectResult:
         boxes: region -> crop box on the resampled grid.
         spacing_mm: voxel size fed to the network (z, y, x).
         side: the knee's side as given.
+        qc_png: the QC picture, when asked for.
     """
 
     subject_id: str
@@ -55,6 +56,7 @@ class SubjectResult:
     boxes: dict[str, tuple[tuple[int, int], ...]]
     spacing_mm: tuple[float, float, float]
     side: str | None
+    qc_png: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,7 @@ class SubjectOutcome:
 
 
 def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedModel, *,
-                    stage: list[str] | None = None) -> SubjectResult:
+                    stage: list[str] | None = None, qc: bool = False) -> SubjectResult:
     """Read, split, run and compare one knee, in memory.
 
     Args:
@@ -77,6 +79,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         config: extraction settings.
         model: the loaded 3D network.
         stage: if given, its last element is kept set to the running stage (for failure reports).
+        qc: also render the QC picture of what the network is fed.
 
     Raises:
         KneebatchError: bad input (file, geometry, labels).
@@ -89,9 +92,16 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
     timings["read"] = time.perf_counter() - start
     track.append("preprocess")
     start = time.perf_counter()
-    regions = make_regions(scan, config)
+    regions = make_regions(scan, config, keep_grid=qc)
     del scan
     timings["preprocess"] = time.perf_counter() - start
+    qc_png = None
+    if qc:
+        track.append("qc")
+        from kneebatch.report import qc_title, render_qc
+
+        qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
+                                             model.info.weights))
     vectors = {}
     for region in REGIONS:
         track.append(f"forward.{region}")
@@ -110,6 +120,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         boxes=regions.boxes,
         spacing_mm=regions.spacing_mm,
         side=spec.side,
+        qc_png=qc_png,
     )
 
 
@@ -156,7 +167,8 @@ def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int) 
 
 
 def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Path,
-                    out: Path, memory_limit_bytes: int | None = None) -> SubjectOutcome:
+                    out: Path, memory_limit_bytes: int | None = None,
+                    qc: bool = False) -> SubjectOutcome:
     """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
 
     Args:
@@ -166,6 +178,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
         out: the run's output folder.
         memory_limit_bytes: refuse the subject (stage ``memory``) if its predicted peak memory
             is larger.
+        qc: also write ``qc.png``.
 
     Returns:
         ``ok=True`` with timings, or ``ok=False`` with the error message and the stage it
@@ -178,10 +191,12 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
         if memory_limit_bytes:
             stage.append("memory")
             check_memory(spec, config, memory_limit_bytes)
-        result = compute_subject(spec, config, model, stage=stage)
+        result = compute_subject(spec, config, model, stage=stage, qc=qc)
         stage.append("write")
         done = _done_record(spec, result, config, model)
-        timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done, start)
+        extra = {"qc.png": result.qc_png} if result.qc_png else {}
+        timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done, start,
+                                extra)
     except KneebatchError as exc:
         log.error("Subject %s failed at %s: %s", spec.subject_id, exc.stage, exc.message)
         log.debug("Subject %s: traceback", spec.subject_id, exc_info=True)

@@ -1,0 +1,61 @@
+"""QC pictures for a finished run: redo each subject's input stages (read, regions) with the
+settings in its ``done.json`` and draw what the network was fed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kneebatch.config import CropMode, ExtractionConfig
+from kneebatch.errors import KneebatchError
+from kneebatch.io import load_scan
+from kneebatch.manifest import SubjectSpec
+from kneebatch.regions import make_regions
+from kneebatch.report import qc_title, write_qc
+from kneebatch.store import read_done
+
+log = logging.getLogger(__name__)
+
+
+def config_from_done(done: dict[str, object]) -> ExtractionConfig:
+    """The settings a subject was computed with."""
+    values = dict(done["config"])  # type: ignore[call-overload]
+    values["crop"] = CropMode(values["crop"])
+    values["layers"] = tuple(values["layers"])
+    return ExtractionConfig(**values)
+
+
+def write_subject_qc(folder: Path) -> Path:
+    """(Re)draw ``folder/qc.png`` from the subject's inputs and ``done.json``.
+
+    Raises:
+        KneebatchError: the inputs cannot be read any more.
+    """
+    done = read_done(folder)
+    if done is None:
+        raise FileNotFoundError(f"{folder} has no done.json")
+    spec = SubjectSpec(done["subject_id"], Path(done["ct"]), Path(done["mask"]), done["side"])
+    regions = make_regions(load_scan(spec, config_from_done(done)), config_from_done(done),
+                           keep_grid=True)
+    title = qc_title(spec.subject_id, spec.side, regions.spacing_mm, str(done.get("weights")))
+    return write_qc(folder, regions, title)
+
+
+def write_missing_qc(out: Path, redo: bool = False) -> tuple[int, int]:
+    """Draw ``qc.png`` for every finished subject lacking one (all of them with ``redo``).
+
+    Returns:
+        (written, failed) counts.
+    """
+    written = failed = 0
+    for done_file in sorted((out / "subjects").glob("*/done.json")):
+        folder = done_file.parent
+        if (folder / "qc.png").is_file() and not redo:
+            continue
+        try:
+            write_subject_qc(folder)
+            written += 1
+        except (KneebatchError, OSError) as exc:
+            failed += 1
+            log.error("Subject %s: no QC picture: %s", folder.name, exc)
+    return written, failed

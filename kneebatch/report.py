@@ -1,0 +1,117 @@
+"""Report stage, per subject: a QC picture of what the network was fed.
+
+Axial, coronal and sagittal slices through the knee on the resampled grid, after reorientation and
+mirroring, CT in a bone window, tibia and femur in two colours, the three crop boxes drawn. A left
+knee therefore looks like a right knee, and a wrong side or swapped labels show at a glance.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from kneebatch.regions import Regions
+
+BONE_WINDOW_HU = (-400.0, 1400.0)
+COLOURS = {"tibia": (0.12, 0.47, 0.96), "femur": (1.0, 0.55, 0.0), "background": (0.2, 0.8, 0.3)}
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _centre(mask: np.ndarray) -> tuple[int, int, int]:
+    """The middle of the tibia-femur bounding box (z, y, x): the joint."""
+    points = np.argwhere(mask > 0)
+    if points.size == 0:
+        return (mask.shape[0] // 2, mask.shape[1] // 2, mask.shape[2] // 2)
+    middle = (points.min(axis=0) + points.max(axis=0)) // 2
+    return (int(middle[0]), int(middle[1]), int(middle[2]))
+
+
+def _slices(volume: np.ndarray, centre: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Display orientation: axial (y down, x right), coronal and sagittal with superior up."""
+    z, y, x = centre
+    return {"axial": volume[z], "coronal": volume[::-1, y, :], "sagittal": volume[::-1, :, x]}
+
+
+def qc_panels(regions: Regions) -> dict[str, np.ndarray]:
+    """RGB images (float, 0-1) of the three views with the label overlay (no boxes, no text).
+
+    Raises:
+        ValueError: ``regions`` was made without ``keep_grid=True``.
+    """
+    if regions.grid_hu is None or regions.grid_mask is None:
+        raise ValueError("make_regions(..., keep_grid=True) is needed for QC pictures")
+    low, high = BONE_WINDOW_HU
+    gray = np.clip((regions.grid_hu - low) / (high - low), 0, 1)
+    centre = _centre(regions.grid_mask)
+    panels = {}
+    labels = _slices(regions.grid_mask, centre)
+    for view, image in _slices(gray, centre).items():
+        rgb = np.repeat(image[..., None], 3, axis=2)
+        for name, label in (("tibia", 1), ("femur", 2)):
+            hit = labels[view] == label
+            rgb[hit] = 0.55 * rgb[hit] + 0.45 * np.array(COLOURS[name])
+        panels[view] = rgb
+    return panels
+
+
+def _box_rectangles(regions: Regions, view: str) -> dict[str, tuple[float, float, float, float]]:
+    """Crop boxes in a view's pixel coordinates: (left, top, width, height)."""
+    depth = regions.grid_shape[0]
+    rects: dict[str, tuple[float, float, float, float]] = {}
+    for name, ((z0, z1), (y0, y1), (x0, x1)) in regions.boxes.items():
+        if view == "axial":
+            rects[name] = (x0 - 0.5, y0 - 0.5, x1 - x0, y1 - y0)
+        elif view == "coronal":
+            rects[name] = (x0 - 0.5, depth - z1 - 0.5, x1 - x0, z1 - z0)
+        else:
+            rects[name] = (y0 - 0.5, depth - z1 - 0.5, y1 - y0, z1 - z0)
+    return rects
+
+
+def render_qc(regions: Regions, title: str) -> bytes:
+    """The QC picture as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    panels = qc_panels(regions)
+    dz, dy, dx = regions.spacing_mm
+    aspects = {"axial": dy / dx, "coronal": dz / dx, "sagittal": dz / dy}
+    figure = Figure(figsize=(13, 5), dpi=90)
+    axes = figure.subplots(1, 3)
+    for ax, view in zip(axes, VIEWS, strict=True):
+        ax.imshow(panels[view], aspect=aspects[view], interpolation="nearest")
+        for name, (left, top, width, height) in _box_rectangles(regions, view).items():
+            ax.add_patch(Rectangle((left, top), width, height, fill=False, lw=1.2,
+                                   ls="--" if name == "background" else "-",
+                                   edgecolor=COLOURS[name]))
+        side_note = {"axial": "patient's right on the left", "coronal": "superior up, right on "
+                     "the left", "sagittal": "superior up, anterior on the left"}[view]
+        ax.set_title(f"{view} ({side_note})", fontsize=9)
+        ax.set_axis_off()
+    figure.legend(handles=[Patch(color=c, label=n) for n, c in COLOURS.items()],
+                  loc="lower center", ncol=3, fontsize=9, frameon=False)
+    figure.suptitle(title, fontsize=11)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def qc_title(subject_id: str, side: str | None, spacing_mm: tuple[float, ...], weights: str) -> str:
+    """``knee001 - side L (mirrored) - 1.00 x 1.00 x 1.00 mm (z, y, x) - weights ...``."""
+    side_text = {"L": "L (mirrored to look right)", "R": "R"}.get(side or "", "unknown")
+    spacing = " x ".join(f"{s:.2f}" for s in spacing_mm)
+    return f"{subject_id} - side {side_text} - {spacing} mm (z, y, x) - weights {weights}"
+
+
+def write_qc(folder: Path, regions: Regions, title: str) -> Path:
+    """Write ``folder/qc.png`` atomically."""
+    from kneebatch.store import write_bytes_atomic
+
+    path = folder / "qc.png"
+    write_bytes_atomic(path, render_qc(regions, title))
+    return path
