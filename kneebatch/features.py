@@ -8,6 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from kneebatch.stem import STEM, stem_in_slabs
+
+SLAB_FROM_VOXELS = 8 * 1024**2  # below this the stem's activations are small anyway
+
 
 def extract_features(
     network: nn.Sequential,
@@ -15,6 +19,7 @@ def extract_features(
     layers: tuple[str, ...],
     *,
     channels_last: bool = True,
+    stem_slabs: bool = True,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Run one region through the network and pool the hooked layers.
 
@@ -22,8 +27,10 @@ def extract_features(
         network: the inflated ``densenet121().features`` (eval mode).
         volume: normalised region, float32, (z, y, x).
         layers: names of ``network``'s children to hook, e.g. ``("denseblock2",)``.
-        channels_last: feed the input in ``channels_last_3d`` memory format (faster on CPU; the
-            numbers agree with the default format to float32 rounding).
+        channels_last: run in ``channels_last_3d`` memory format, weights and input (faster on
+            CPU; the numbers agree with the default format to float32 rounding).
+        stem_slabs: compute the stem in depth slabs for large volumes (``stem.py``): the same
+            numbers with a fraction of the peak memory.
 
     Returns:
         layer -> float32 vector (the layer's channels averaged over depth, height and width), and the
@@ -39,12 +46,18 @@ def extract_features(
     ]
     deepest = max(list(children).index(name) for name in layers)
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    if not next(network.parameters()).is_contiguous(memory_format=fmt):
+        network.to(memory_format=fmt)  # weights in the input's layout: oneDNN's fast path
+    x = x.contiguous(memory_format=fmt)
+    modules = list(children.items())[: deepest + 1]
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for module in list(children.values())[: deepest + 1]:
+            if stem_slabs and x.numel() >= SLAB_FROM_VOXELS:
+                x = stem_in_slabs(network, x)
+                modules = [(n, m) for n, m in modules if n not in STEM]
+            for _, module in modules:
                 x = module(x)
     finally:
         for handle in handles:

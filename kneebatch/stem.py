@@ -1,0 +1,74 @@
+"""Features stage helper: DenseNet's stem (conv0, norm0, relu0, pool0) in slabs along depth.
+
+The stem's output at full resolution (64 channels at half the input's size, twice: conv and norm) is
+the largest activation of the whole network: 1.8 GB each for a 512 x 512 x 216 volume. Computed in
+depth slabs of the pool's output, with the input rows each slab needs (zeros beyond the volume, as
+conv0's own padding) and the conv rows the pool needs (-inf beyond, as max-pooling's padding), the
+result is the same tensor while only one slab of the big activation exists at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
+def _depth(value: int | tuple[int, ...]) -> int:
+    return value if isinstance(value, int) else int(value[0])
+
+
+def _rest(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[1]), int(value[2]))
+
+
+def stem_in_slabs(features: nn.Sequential, x: torch.Tensor,
+                  budget_bytes: int = 256 * 1024**2) -> torch.Tensor:
+    """``pool0(relu0(norm0(conv0(x))))``, computed slab by slab along depth.
+
+    Args:
+        features: the inflated DenseNet ``features`` (zero-padded conv0, max-pool pool0).
+        x: input (N, 1, D, H, W).
+        budget_bytes: about how much memory one slab's conv activations may take.
+
+    Returns:
+        The stem's output, as the unsliced modules would give it.
+    """
+    conv, norm, relu, pool = (features.get_submodule(name) for name in STEM)
+    assert isinstance(conv, nn.Conv3d) and isinstance(pool, nn.MaxPool3d)
+    assert conv.padding_mode == "zeros" and not pool.ceil_mode
+    kc, sc, pc = conv.kernel_size[0], conv.stride[0], _depth(conv.padding)  # type: ignore[arg-type]
+    kp, sp, pp = _depth(pool.kernel_size), _depth(pool.stride), _depth(pool.padding)
+    depth = x.shape[2]
+    conv_depth = (depth + 2 * pc - kc) // sc + 1
+    out_depth = (conv_depth + 2 * pp - kp) // sp + 1
+    row_bytes = 2 * conv.out_channels * x.shape[0] * 4 * (
+        (x.shape[3] + 1) // 2) * ((x.shape[4] + 1) // 2)
+    slab = max(1, (budget_bytes // max(1, row_bytes) - kp) // sp)
+    fmt = (torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d)
+           and not x.is_contiguous() else torch.contiguous_format)
+    out: torch.Tensor | None = None
+    for j0 in range(0, out_depth, slab):
+        j1 = min(out_depth, j0 + slab)
+        c0, c1 = j0 * sp - pp, (j1 - 1) * sp - pp + kp  # conv rows the pool reads
+        cc0, cc1 = max(0, c0), min(conv_depth, c1)
+        i0, i1 = cc0 * sc - pc, (cc1 - 1) * sc - pc + kc  # input rows those conv rows read
+        piece = x[:, :, max(0, i0):min(depth, i1)]
+        if i0 < 0 or i1 > depth:
+            piece = F.pad(piece, (0, 0, 0, 0, max(0, -i0), max(0, i1 - depth)))
+        y = F.conv3d(piece, conv.weight, conv.bias, stride=conv.stride,
+                     padding=(0, *_rest(conv.padding)), dilation=conv.dilation,  # type: ignore[arg-type]
+                     groups=conv.groups)
+        y = relu(norm(y))
+        if c0 < 0 or c1 > conv_depth:
+            y = F.pad(y, (0, 0, 0, 0, cc0 - c0, c1 - cc1), value=float("-inf"))
+        z = F.max_pool3d(y, pool.kernel_size, pool.stride, (0, *_rest(pool.padding)),
+                         pool.dilation)
+        if out is None:
+            out = torch.empty((*z.shape[:2], out_depth, *z.shape[3:]), dtype=z.dtype,
+                              memory_format=fmt)
+        out[:, :, j0:j1] = z
+    assert out is not None
+    return out
