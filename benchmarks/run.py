@@ -20,13 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = {
-    # name: (code run in a child process; prints one JSON line)
-    "naive": "naive",
-    "defaults": "kneebatch",
-    "seed_semantics": "kneebatch-native",
-}
-
 
 # ---------------------------------------------------------------- child-process measurements
 def _flops(shapes: list[tuple[int, ...]], layers: tuple[str, ...]) -> float:
@@ -80,9 +73,10 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
                          ("background", labels == 0)):
         volume = np.where(keep, norm, air).astype(np.float32)
         shapes.append(volume.shape)
-        outputs = {}
+        outputs: dict[str, torch.Tensor] = {}
         hooks = [getattr(net, name).register_forward_hook(
-            lambda _m, _i, o, name=name: outputs.__setitem__(name, o.mean(dim=(2, 3, 4))))
+            lambda _m, _i, o, name=name, outputs=outputs: outputs.__setitem__(
+                name, o.mean(dim=(2, 3, 4))))
             for name in layers]
         t = time.perf_counter()
         with torch.no_grad():
@@ -208,10 +202,10 @@ def main() -> None:
         child(*args.child)
         return
 
+    import SimpleITK as sitk
+
     from kneebatch.model import build_model, save_model
     from kneebatch.phantom import make_phantom
-
-    import SimpleITK as sitk
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

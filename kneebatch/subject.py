@@ -103,12 +103,14 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
                                              model.info.weights))
     vectors = {}
+    shapes = {r: tuple(v.shape) for r, v in regions.volumes.items()}
     for region in REGIONS:
         track.append(f"forward.{region}")
+        # pop: each region's volume is freed once the network has seen it (peak memory)
         vectors[region], timings[f"forward.{region}"] = extract_features(
-            model.network, regions.volumes[region], config.layers)
-        log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region,
-                  regions.volumes[region].shape, timings[f"forward.{region}"])
+            model.network, regions.volumes.pop(region), config.layers)
+        log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
+                  timings[f"forward.{region}"])
     track.append("similarity")
     rows = similarities(spec.subject_id, vectors, config.layers)
     return SubjectResult(
@@ -116,7 +118,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         vectors=vectors,
         rows=rows,
         timings_s=timings,
-        shapes={r: tuple(v.shape) for r, v in regions.volumes.items()},
+        shapes=shapes,
         boxes=regions.boxes,
         spacing_mm=regions.spacing_mm,
         side=spec.side,
