@@ -4,17 +4,32 @@ torchvision's ``_DenseBlock`` concatenates all earlier feature maps again in eve
 normalises the whole concatenation: three copies of a tensor that grows to 256 channels at a quarter
 of the input's size (2.9 GB extra for a 512 x 512 x 216 volume). ``LeanDenseBlock`` writes every
 layer's new channels into one preallocated buffer and runs each layer's pointwise part (norm1, relu1,
-the 1x1x1 conv1, norm2, relu2) in depth slabs; only the 3x3x3 conv2 sees a whole tensor. Same
-modules, same state dict, same forward hooks, same numbers (to float32 rounding).
+the 1x1x1 conv1 with norm2 folded into it, relu2) in depth slabs; only the 3x3x3 conv2 sees a whole
+tensor. Same modules, same state dict, same forward hooks, same numbers (to float32 rounding).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.densenet import _DenseBlock, _Transition
 
 SLAB_BYTES = 64 * 1024**2
+
+
+def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` as one convolution (eval mode: BatchNorm is an affine
+    map per channel). Saves a pass over the convolution's whole output."""
+    assert norm.running_var is not None and norm.running_mean is not None
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+    if conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return weight, bias
 
 
 def _slabs(depth: int, row_bytes: int) -> list[tuple[int, int]]:
@@ -42,16 +57,16 @@ class LeanDenseBlock(_DenseBlock):
         buffer[:, :c0] = init_features
         channels = c0
         row_bytes = 4 * n * height * width
+        width1 = layers[0].conv1.out_channels
+        bottleneck = torch.empty((n, width1, depth, height, width), dtype=buffer.dtype,
+                                 memory_format=fmt)  # reused by every layer
         for layer in layers:
-            width1 = layer.conv1.out_channels
-            bottleneck = torch.empty((n, width1, depth, height, width), dtype=buffer.dtype,
-                                     memory_format=fmt)
+            weight1, bias1 = fold_batchnorm(layer.conv1, layer.norm2)  # conv1 + norm2 in one
             for d0, d1 in _slabs(depth, row_bytes * (channels + 2 * width1)):
-                part = buffer[:, :channels, d0:d1]
-                part = layer.conv1(layer.relu1(layer.norm1(part)))
-                bottleneck[:, :, d0:d1] = layer.relu2(layer.norm2(part))
+                part = layer.relu1(layer.norm1(buffer[:, :channels, d0:d1]))
+                part = F.conv3d(part, weight1, bias1)
+                bottleneck[:, :, d0:d1] = part.relu_()
             buffer[:, channels:channels + growth] = layer.conv2(bottleneck)
-            del bottleneck
             channels += growth
         return buffer
 

@@ -19,9 +19,9 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 TOP_PAD_BYTES = 512 * 1024**2
-MMAP_THRESHOLD_BYTES = 32 * 1024**2  # glibc's largest
+TRIM_THRESHOLD_BYTES = 2 * 1024**3
 
 
 def tune_malloc() -> bool:
@@ -29,8 +29,9 @@ def tune_malloc() -> bool:
 
     A 3D forward pass allocates and frees activations of hundreds of MB per layer; by default glibc
     maps and unmaps them each time and every page faults in anew (the seed spent nearly half its
-    time in the kernel). A larger top pad and the largest mmap threshold keep them. Returns False
-    where glibc's ``mallopt`` is not available.
+    time in the kernel). Serving every block from the heap (no mmap), with a generous top pad and
+    trim threshold, keeps the pages for the next layer. Returns False where glibc's ``mallopt`` is
+    not available.
     """
     import ctypes
     import ctypes.util
@@ -38,8 +39,8 @@ def tune_malloc() -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(_M_TOP_PAD, TOP_PAD_BYTES)
-                    and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TOP_PAD, TOP_PAD_BYTES)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     except (OSError, AttributeError):
         return False
 

@@ -4,7 +4,8 @@ The stem's output at full resolution (64 channels at half the input's size, twic
 the largest activation of the whole network: 1.8 GB each for a 512 x 512 x 216 volume. Computed in
 depth slabs of the pool's output, with the input rows each slab needs (zeros beyond the volume, as
 conv0's own padding) and the conv rows the pool needs (-inf beyond, as max-pooling's padding), the
-result is the same tensor while only one slab of the big activation exists at a time.
+result is the same tensor while only one slab of the big activation exists at a time. norm0 is
+folded into conv0 (eval mode), which saves a pass over that activation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kneebatch.lean import fold_batchnorm
 
 STEM = ("conv0", "norm0", "relu0", "pool0")
 
@@ -38,6 +41,8 @@ def stem_in_slabs(features: nn.Sequential, x: torch.Tensor,
     """
     conv, norm, relu, pool = (features.get_submodule(name) for name in STEM)
     assert isinstance(conv, nn.Conv3d) and isinstance(pool, nn.MaxPool3d)
+    assert isinstance(norm, nn.BatchNorm3d)
+    weight, bias = fold_batchnorm(conv, norm)  # norm0 folded into conv0: one pass fewer
     assert conv.padding_mode == "zeros" and not pool.ceil_mode
     kc, sc, pc = conv.kernel_size[0], conv.stride[0], _depth(conv.padding)  # type: ignore[arg-type]
     kp, sp, pp = _depth(pool.kernel_size), _depth(pool.stride), _depth(pool.padding)
@@ -58,10 +63,10 @@ def stem_in_slabs(features: nn.Sequential, x: torch.Tensor,
         piece = x[:, :, max(0, i0):min(depth, i1)]
         if i0 < 0 or i1 > depth:
             piece = F.pad(piece, (0, 0, 0, 0, max(0, -i0), max(0, i1 - depth)))
-        y = F.conv3d(piece, conv.weight, conv.bias, stride=conv.stride,
+        y = F.conv3d(piece, weight, bias, stride=conv.stride,
                      padding=(0, *_rest(conv.padding)), dilation=conv.dilation,  # type: ignore[arg-type]
                      groups=conv.groups)
-        y = relu(norm(y))
+        y = relu(y)
         if c0 < 0 or c1 > conv_depth:
             y = F.pad(y, (0, 0, 0, 0, cc0 - c0, c1 - cc1), value=float("-inf"))
         z = F.max_pool3d(y, pool.kernel_size, pool.stride, (0, *_rest(pool.padding)),
