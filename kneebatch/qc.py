@@ -35,8 +35,8 @@ def write_subject_qc(folder: Path) -> Path:
     if done is None:
         raise FileNotFoundError(f"{folder} has no done.json")
     spec = SubjectSpec(done["subject_id"], Path(done["ct"]), Path(done["mask"]), done["side"])
-    regions = make_regions(load_scan(spec, config_from_done(done)), config_from_done(done),
-                           keep_grid=True)
+    config = config_from_done(done)
+    regions = make_regions(load_scan(spec, config), config)
     title = qc_title(spec.subject_id, spec.side, regions.spacing_mm, str(done.get("weights")))
     return write_qc(folder, regions, title)
 

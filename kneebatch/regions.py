@@ -22,23 +22,43 @@ Box = tuple[slice, slice, slice]
 
 @dataclasses.dataclass(frozen=True)
 class Regions:
-    """What the network sees for one subject.
+    """What the network sees for one subject: the grid and the crop boxes. Region volumes are cut
+    on demand, one at a time, so only one exists during a forward pass.
 
     Attributes:
-        volumes: region name -> normalised float32 volume (z, y, x), outside-region voxels air.
-        boxes: region name -> ((z0, z1), (y0, y1), (x0, x1)) crop box on the resampled grid.
-        spacing_mm: voxel size of the volumes (z, y, x).
-        grid_shape: shape of the resampled (uncropped) volume (z, y, x).
-        grid_hu, grid_mask: that volume in HU (clipped to the window) and its labels, kept only
-            when asked for (QC pictures show exactly what the network was fed).
+        grid_hu: the resampled volume in HU, clipped to the window, float32 (z, y, x).
+        grid_mask: its labels, uint8 (z, y, x).
+        boxes: region name -> ((z0, z1), (y0, y1), (x0, x1)) crop box on the grid.
+        spacing_mm: voxel size of the grid (z, y, x).
+        config: the settings (window, normalisation, padding).
     """
 
-    volumes: dict[str, np.ndarray]
+    grid_hu: np.ndarray
+    grid_mask: np.ndarray
     boxes: dict[str, tuple[tuple[int, int], ...]]
     spacing_mm: tuple[float, float, float]
-    grid_shape: tuple[int, int, int]
-    grid_hu: np.ndarray | None = None
-    grid_mask: np.ndarray | None = None
+    config: ExtractionConfig
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """Shape of the grid (z, y, x)."""
+        z, y, x = self.grid_hu.shape
+        return (z, y, x)
+
+    def volume(self, name: str) -> np.ndarray:
+        """The normalised network input of one region: float32 (z, y, x), air outside it."""
+        config = self.config
+        box = tuple(slice(a, b) for a, b in self.boxes[name])
+        scale = 1.0 / ((config.hu_max - config.hu_min) * config.std)
+        offset = -config.hu_min * scale - config.mean / config.std
+        volume = self.grid_hu[box] * np.float32(scale) + np.float32(offset)
+        volume[self.grid_mask[box] != LABELS.get(name, 0)] = config.air_value
+        return _pad(volume.astype(np.float32, copy=False), config.min_size, config.air_value)
+
+    @property
+    def volumes(self) -> dict[str, np.ndarray]:
+        """All three region volumes at once (for tests and notebooks; costs their memory)."""
+        return {name: self.volume(name) for name in REGIONS}
 
 
 def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float,
@@ -86,16 +106,15 @@ def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
     return np.pad(volume, widths, constant_values=air)
 
 
-def make_regions(scan: Scan, config: ExtractionConfig, *, keep_grid: bool = False) -> Regions:
-    """Split a scan into the three network inputs.
+def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
+    """Window, resample and find the crop boxes of a scan's three regions.
 
     Args:
         scan: CT (HU) and mask, (z, y, x).
         config: window, spacing, crop, margin, padding settings.
-        keep_grid: also return the resampled volume and labels (for QC pictures).
 
     Returns:
-        The region volumes and their crop boxes.
+        The grid and boxes; ``Regions.volume(name)`` cuts each network input.
 
     Raises:
         RegionError: tibia or femur (or background) has no voxels.
@@ -107,38 +126,28 @@ def make_regions(scan: Scan, config: ExtractionConfig, *, keep_grid: bool = Fals
         ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min)
         mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
         spacing = (config.spacing_mm,) * 3
-    members = {name: mask == label for name, label in LABELS.items()}
-    members["background"] = mask == 0
-    for name in REGIONS:
-        if not members[name].any():
-            label = LABELS.get(name, 0)
-            raise RegionError(
-                f"Subject {scan.subject_id}: the mask has no {name} voxels (label {label}) "
-                f"on the {'resampled' if config.spacing_mm else 'native'} grid. Check the "
-                "segmentation (tibia = 1, femur = 2, background = 0) or drop the subject."
-            )
     full: Box = (slice(None), slice(None), slice(None))
     boxes: dict[str, Box] = dict.fromkeys(REGIONS, full)
+    margin = tuple(math.ceil(config.margin_mm / s) for s in spacing)
+    for name in REGIONS:
+        members = mask == LABELS.get(name, 0)
+        if not members.any():
+            raise RegionError(
+                f"Subject {scan.subject_id}: the mask has no {name} voxels (label "
+                f"{LABELS.get(name, 0)}) on the {'resampled' if config.spacing_mm else 'native'} "
+                "grid. Check the segmentation (tibia = 1, femur = 2, background = 0) or drop the "
+                "subject."
+            )
+        if config.crop is CropMode.BBOX and name in LABELS:
+            boxes[name] = _bbox(members, margin)
     if config.crop is CropMode.BBOX:
-        margin = tuple(math.ceil(config.margin_mm / s) for s in spacing)
-        boxes = {name: _bbox(members[name], margin) for name in LABELS}
         body = body_mask(ct, config.body_threshold_hu, config.body_min_fraction)
         boxes["background"] = _bbox(body, margin) if body.any() else full
-    scale = 1.0 / ((config.hu_max - config.hu_min) * config.std)
-    offset = -config.hu_min * scale - config.mean / config.std
-    air = config.air_value
-    volumes = {}
-    for name in REGIONS:
-        box = boxes[name]
-        volume = ct[box] * np.float32(scale) + np.float32(offset)
-        volume[~members[name][box]] = air
-        volumes[name] = _pad(volume.astype(np.float32, copy=False), config.min_size, air)
-    shape = ct.shape
     return Regions(
-        volumes=volumes,
-        boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], shape, strict=True)) for n in REGIONS},
+        grid_hu=ct,
+        grid_mask=mask,
+        boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], ct.shape, strict=True))
+               for n in REGIONS},
         spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
-        grid_shape=(shape[0], shape[1], shape[2]),
-        grid_hu=ct if keep_grid else None,
-        grid_mask=mask if keep_grid else None,
+        config=config,
     )

@@ -26,6 +26,7 @@ from kneebatch.manifest import SubjectSpec
 from kneebatch.memory import estimate_bytes, gib
 from kneebatch.model import LoadedModel, get_model
 from kneebatch.regions import make_regions
+from kneebatch.runtime import release_memory
 from kneebatch.similarity import SimilarityRow, similarities
 from kneebatch.store import write_subject
 
@@ -92,7 +93,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
     timings["read"] = time.perf_counter() - start
     track.append("preprocess")
     start = time.perf_counter()
-    regions = make_regions(scan, config, keep_grid=qc)
+    regions = make_regions(scan, config)
     del scan
     timings["preprocess"] = time.perf_counter() - start
     qc_png = None
@@ -103,12 +104,15 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
                                              model.info.weights))
     vectors = {}
-    shapes = {r: tuple(v.shape) for r, v in regions.volumes.items()}
+    shapes = {}
     for region in REGIONS:
         track.append(f"forward.{region}")
-        # pop: each region's volume is freed once the network has seen it (peak memory)
+        release_memory()
+        volume = regions.volume(region)  # one region volume at a time: peak memory
+        shapes[region] = tuple(volume.shape)
         vectors[region], timings[f"forward.{region}"] = extract_features(
-            model.network, regions.volumes.pop(region), config.layers)
+            model.network, volume, config.layers)
+        del volume
         log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
                   timings[f"forward.{region}"])
     track.append("similarity")

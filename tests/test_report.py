@@ -63,7 +63,7 @@ def test_left_knee_picture_is_the_mirror_of_the_same_knee_marked_right(tmp_path:
     ct, mask = manifest.parent / "knee001_ct.nii.gz", manifest.parent / "knee001_mask.nii.gz"
     config = ExtractionConfig()
     panels = {side: qc_panels(make_regions(load_scan(SubjectSpec("k", ct, mask, side), config),
-                                           config, keep_grid=True))
+                                           config))
               for side in ("L", "R")}
     np.testing.assert_array_equal(panels["L"]["axial"], panels["R"]["axial"][:, ::-1])
     np.testing.assert_array_equal(panels["L"]["coronal"], panels["R"]["coronal"][:, ::-1])
