@@ -1,11 +1,13 @@
 """Memory a subject needs, predicted from its header, so a worker refuses what would not fit
 instead of being killed by the OOM killer.
 
-The constants were measured on CPU with torch 2.14 (``benchmarks/run.py`` reports the real peaks):
-a process with torch and the model holds about 0.9 GB; reading costs about 16 bytes per native voxel
-(file buffer, float32 copy, reorientation); the region stage about 24 bytes per voxel of the grid the
-network sees; a DenseNet121-3D forward pass about 100 bytes per input voxel (conv0's 64 channels at
-half resolution dominate).
+The constants were measured on CPU with torch 2.14 (``benchmarks/run.py`` reports the real
+peaks): a process with torch and the model holds about 0.9 GB (1 GB counted); reading costs up to 16
+bytes per native voxel (file buffer, float32 copy, reorientation); the grid the network sees about 10
+bytes per voxel (the clipped HU and labels, kept, plus one region's input); a forward pass about 42
+bytes per input voxel (the stem runs in slabs; DenseNet's first block, 256 channels at a quarter of
+the resolution, dominates). Measured peaks: 1.8 GB for a clinical knee with the defaults, 3.7 GB at
+native resolution without cropping; these constants predict 1.9 and 3.8 GB.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import math
 
 from kneebatch.config import ExtractionConfig
 
-BASE_BYTES = 900 * 1024**2
+BASE_BYTES = 1024**3
 READ_BYTES_PER_VOXEL = 16
-REGION_BYTES_PER_VOXEL = 24
-FORWARD_BYTES_PER_VOXEL = 100
+REGION_BYTES_PER_VOXEL = 10
+FORWARD_BYTES_PER_VOXEL = 42
 
 
 def estimate_bytes(size_xyz: tuple[int, ...], spacing_xyz_mm: tuple[float, ...],

@@ -119,9 +119,9 @@ def _build(folder: Path) -> Path:
     add("direction_mismatch", good_ct, _write(shifted, folder / "m_direction.nii.gz"))
     add("nan_ct", _write(_with_value(ct, np.nan), folder / "nan.nii.gz"), good_mask)
     add("inf_ct", _write(_with_value(ct, np.inf), folder / "inf.mha"), good_mask)
-    big = sitk.Image([320, 320, 320], sitk.sitkInt16)
+    big = sitk.Image([400, 400, 400], sitk.sitkInt16)
     add("too_big", _write(big, folder / "big_ct.nii.gz"),
-        _write(sitk.Image([320, 320, 320], sitk.sitkUInt8), folder / "big_mask.nii.gz"))
+        _write(sitk.Image([400, 400, 400], sitk.sitkUInt8), folder / "big_mask.nii.gz"))
     (folder / "cohort.csv").write_text("\n".join(rows) + "\n")
     return folder / "cohort.csv"
 
