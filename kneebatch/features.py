@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kneebatch.lean import LeanDenseBlock
+from kneebatch.lean import LeanDenseBlock, LeanTransition
 from kneebatch.stem import STEM, stem_in_slabs
 
 SLAB_FROM_VOXELS = 8 * 1024**2  # below this the stem's activations are small anyway
@@ -33,8 +33,8 @@ def extract_features(
             CPU; the numbers agree with the default format to float32 rounding).
         stem_slabs: compute the stem in depth slabs for large volumes (``stem.py``): the same
             numbers with a fraction of the peak memory.
-        lean_blocks: use ``LeanDenseBlock``'s memory-lean forward where the network has it
-            (``load_model`` gives it; same numbers).
+        lean_blocks: use the memory-lean forward of ``LeanDenseBlock`` and ``LeanTransition``
+            where the network has them (``load_model`` gives them; same numbers).
 
     Returns:
         layer -> float32 vector (the layer's channels averaged over depth, height and width), and the
@@ -55,7 +55,7 @@ def extract_features(
         network.to(memory_format=fmt)  # weights in the input's layout: oneDNN's fast path
     x = x.contiguous(memory_format=fmt)
     for module in network.modules():
-        if isinstance(module, LeanDenseBlock):
+        if isinstance(module, (LeanDenseBlock, LeanTransition)):
             module.lean = lean_blocks
     modules = list(children.items())[: deepest + 1]
     start = time.perf_counter()
