@@ -159,6 +159,21 @@ def child(case: str, ct: str, mask: str, model: str) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def _extract_cli(ct: Path, mask: Path, model: Path, out: Path, *extra: str) -> dict[str, float]:
+    """`kneebatch extract` as a user runs it: a fresh process, the model loaded from its file."""
+    command = [sys.executable, "-m", "kneebatch", "--quiet", "extract", "--ct", str(ct), "--mask",
+               str(mask), "--subject-id", "bench", "--out", str(out), "--model", str(model),
+               "--side", "R", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{command} failed ({status})")
+    return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+            "peak_rss_gib": usage.ru_maxrss / 1024**2}
+
+
 def _in_child(case: str, *args: str) -> dict[str, float]:
     done = subprocess.run([sys.executable, __file__, "--child", case, *args], capture_output=True,
                           text=True, check=True)
@@ -219,6 +234,10 @@ def main() -> None:
         for case in ("naive", "defaults", "seed_semantics"):
             print(f"measuring {case} ...", file=sys.stderr)
             results[case] = _in_child(case, str(ct), str(mask), str(model))
+        print("measuring kneebatch extract ...", file=sys.stderr)
+        results["extract_cli_defaults"] = _extract_cli(ct, mask, model, folder / "e1")
+        results["extract_cli_seed_semantics"] = _extract_cli(
+            ct, mask, model, folder / "e2", "--spacing", "native", "--crop", "none")
         print("measuring the cohort ...", file=sys.stderr)
         results["cohort"] = _cohort(folder, model, args.cohort_knees)
 
@@ -236,6 +255,12 @@ def main() -> None:
                     f"{r['speedup_vs_naive']:.1f}x | {r['user_s']:.1f} / {r['sys_s']:.1f} | "
                     f"{r['peak_rss_gib']:.2f} | {r['gflop']:.0f} | {r['forward_gflops']:.1f} "
                     f"({100 * r['forward_fraction_of_peak']:.0f}%) |")
+    cli = [f"| `kneebatch extract` {name} (fresh process: imports, model load, one knee) | "
+           f"{r['wall_s']:.1f} s | {3600 / r['wall_s']:.0f} knees/h "
+           f"({3600 / r['wall_s'] / naive_kph:.1f}x naive) | "
+           f"{r['user_s']:.1f} / {r['sys_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB |"
+           for name, r in (("defaults", results["extract_cli_defaults"]),
+                           ("seed semantics", results["extract_cli_seed_semantics"]))]
     c = results["cohort"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -248,6 +273,10 @@ def main() -> None:
         "forward GFLOP/s (of best conv3d) |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "| command | wall | rate | CPU user / sys | peak RSS |",
+        "|---|---|---|---|---|",
+        *cli,
         "",
         f"Cohort of {args.cohort_knees} clinical knees: {c['knees_per_hour_1w']:.0f} knees/h with 1 "
         f"worker, {c['knees_per_hour_2w']:.0f} with 2 (parallel efficiency "
