@@ -265,7 +265,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from kneebatch.qc import write_missing_qc
 
         written, failed = write_missing_qc(args.out, redo=args.redo_qc)
-        print(f"Wrote {written} QC picture(s) in {args.out / 'subjects'}"
+        print(f"QC pictures in {args.out / 'subjects'}: {written} drawn now, the others were "
+              "there already (--redo-qc redraws them)"
               + (f"; {failed} could not be made (see the log)" if failed else ""))
     index = write_cohort_report(args.out)
     print(f"Cohort report: {index}")
