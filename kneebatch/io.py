@@ -99,9 +99,14 @@ def _nifti_data(path: Path, offset: int) -> tuple[bytes, str] | None:
         return None
 
 
-def _check_nifti(spec: SubjectSpec, role: str, path: Path) -> None:
+def _check_nifti(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -> None:
     """Checks ITK's NIfTI reader skips: it reads a truncated file without complaint (the missing
-    voxels become 0) and turns NaN and inf into 0."""
+    voxels become 0) and turns NaN and inf into 0.
+
+    Args:
+        scan_values: also look for NaN/inf in float data (reads the voxels); without it only the
+            file's length is checked (the gzip trailer, or the file size), as a header read should.
+    """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -112,7 +117,7 @@ def _check_nifti(spec: SubjectSpec, role: str, path: Path) -> None:
         expected = voxels * int(meta["bitpix"]) // 8
     except (RuntimeError, KeyError, ValueError):
         return  # unreadable headers are reported by the full read
-    floats = {16: "f4", 64: "f8"}.get(datatype)
+    floats = {16: "f4", 64: "f8"}.get(datatype) if scan_values else None
     data = None
     if path.name.endswith(".gz"):
         if floats or _gzip_trailer_size(path) != (offset + expected) % 2**32:
@@ -135,6 +140,28 @@ def _check_nifti(spec: SubjectSpec, role: str, path: Path) -> None:
                         "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
 
 
+def _check_file(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -> None:
+    """What can be told before SimpleITK reads: the path exists, is not empty, is a whole NIfTI."""
+    if not path.exists():
+        raise _fail(spec, role, path, "does not exist",
+                    "Check the manifest's path (relative paths start at the manifest's folder).")
+    if path.is_file() and path.stat().st_size == 0:
+        raise _fail(spec, role, path, "is an empty file", "Export the image again.")
+    if path.name.endswith((".nii", ".nii.gz")):
+        _check_nifti(spec, role, path, scan_values=scan_values)
+
+
+def _check_volume(spec: SubjectSpec, role: str, path: Path, size: tuple[int, ...],
+                  components: int) -> None:
+    """A 3D volume of at least 2 voxels per axis, one value per voxel."""
+    if len(size) != 3 or min(size) < 2:
+        raise _fail(spec, role, path, f"is a {len(size)}D image of size {size}, not a 3D volume",
+                    "Give the whole 3D scan (one time point, at least 2 slices).")
+    if components != 1:
+        raise _fail(spec, role, path, f"has {components} components per voxel",
+                    "Give a scalar (grey-value) image, not RGB or vector data.")
+
+
 def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     """Read one 3D scalar image (file or DICOM series folder).
 
@@ -146,13 +173,7 @@ def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     Raises:
         InputImageError: missing, empty, unreadable, not 3D or not scalar.
     """
-    fix_path = "Check the manifest's path (relative paths start at the manifest's folder)."
-    if not path.exists():
-        raise _fail(spec, role, path, "does not exist", fix_path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise _fail(spec, role, path, "is an empty file", "Export the image again.")
-    if path.name.endswith((".nii", ".nii.gz")):
-        _check_nifti(spec, role, path)
+    _check_file(spec, role, path, scan_values=True)
     try:
         image = _read_dicom_folder(spec, role, path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -160,13 +181,7 @@ def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
         raise _fail(spec, role, path, f"cannot be read as an image ({first})",
                     "Give a NIfTI, NRRD, MHA file or a DICOM folder; if it is truncated, copy or "
                     "export it again.") from exc
-    size = image.GetSize()
-    if image.GetDimension() != 3 or min(size) < 2:
-        raise _fail(spec, role, path, f"is a {image.GetDimension()}D image of size {size}, not a "
-                    "3D volume", "Give the whole 3D scan (one time point, at least 2 slices).")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise _fail(spec, role, path, f"has {image.GetNumberOfComponentsPerPixel()} components per "
-                    "voxel", "Give a scalar (grey-value) image, not RGB or vector data.")
+    _check_volume(spec, role, path, image.GetSize(), image.GetNumberOfComponentsPerPixel())
     return image
 
 
@@ -266,14 +281,13 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig) -> Scan:
 
 
 def read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
-    """Read an image's header only (for a DICOM folder: the first file of its one series).
+    """Read an image's header only (for a DICOM folder: the first file of its one series); no
+    voxel data, so ``validate`` and the memory check stay cheap (NaN is found by the full read).
 
     Raises:
-        InputImageError: missing, unreadable, not 3D, not scalar; truncated NIfTI.
+        InputImageError: missing, empty, unreadable, not 3D, not scalar; truncated NIfTI.
     """
-    if not path.exists():
-        raise _fail(spec, role, path, "does not exist",
-                    "Check the manifest's path (relative paths start at the manifest's folder).")
+    _check_file(spec, role, path, scan_values=False)
     reader = sitk.ImageFileReader()
     if path.is_dir():
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -282,10 +296,6 @@ def read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
         reader.SetFileName(files[0])
     else:
-        if path.stat().st_size == 0:
-            raise _fail(spec, role, path, "is an empty file", "Export the image again.")
-        if path.name.endswith((".nii", ".nii.gz")):
-            _check_nifti(spec, role, path)
         reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
@@ -295,12 +305,7 @@ def read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
     size = reader.GetSize()
     if path.is_dir():
         size = (*size[:2], len(files))
-    if len(size) != 3 or min(size) < 2:
-        raise _fail(spec, role, path, f"is a {len(size)}D image of size {size}, not a 3D volume",
-                    "Give the whole 3D scan (one time point, at least 2 slices).")
-    if reader.GetNumberOfComponents() != 1:
-        raise _fail(spec, role, path, f"has {reader.GetNumberOfComponents()} components per voxel",
-                    "Give a scalar (grey-value) image.")
+    _check_volume(spec, role, path, size, reader.GetNumberOfComponents())
     return Header(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
                   sitk.GetPixelIDValueAsString(reader.GetPixelID()))
 
