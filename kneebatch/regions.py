@@ -17,7 +17,7 @@ from kneebatch.config import LABELS, REGIONS, CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
 from kneebatch.io import Scan
 
-Box = tuple[slice, slice, slice]
+Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)), end exclusive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Regions:
 
     grid_hu: np.ndarray
     grid_mask: np.ndarray
-    boxes: dict[str, tuple[tuple[int, int], ...]]
+    boxes: dict[str, Box]
     spacing_mm: tuple[float, float, float]
     config: ExtractionConfig
 
@@ -48,7 +48,7 @@ class Regions:
     def volume(self, name: str) -> np.ndarray:
         """The normalised network input of one region: float32 (z, y, x), air outside it."""
         config = self.config
-        box = tuple(slice(a, b) for a, b in self.boxes[name])
+        box = tuple(slice(a, b) for a, b in self.boxes[name])  # (z, y, x)
         scale = 1.0 / ((config.hu_max - config.hu_min) * config.std)
         offset = -config.hu_min * scale - config.mean / config.std
         volume = self.grid_hu[box] * np.float32(scale) + np.float32(offset)
@@ -81,8 +81,8 @@ def _bbox(found: np.ndarray, margin: tuple[int, ...]) -> Box:
     for axis, pad in enumerate(margin):
         other = tuple(a for a in range(found.ndim) if a != axis)
         hits = np.flatnonzero(found.any(axis=other))
-        box.append(slice(max(0, hits[0] - pad), min(found.shape[axis], hits[-1] + 1 + pad)))
-    return (box[0], box[1], box[2])
+        box.append((max(0, int(hits[0]) - pad), min(found.shape[axis], int(hits[-1]) + 1 + pad)))
+    return tuple(box)
 
 
 def body_mask(ct_hu: np.ndarray, threshold_hu: float, min_fraction: float) -> np.ndarray:
@@ -93,17 +93,15 @@ def body_mask(ct_hu: np.ndarray, threshold_hu: float, min_fraction: float) -> np
         return np.zeros(ct_hu.shape, dtype=bool)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    keep = sizes >= min_fraction * sizes.max()
-    keep[0] = False
+    keep = sizes >= min_fraction * sizes.max()  # False for the background (size 0)
     return keep[components]
 
 
 def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
-    widths = [((max(0, min_size - n) // 2), max(0, min_size - n) - max(0, min_size - n) // 2)
-              for n in volume.shape]
-    if not any(a or b for a, b in widths):
+    missing = [max(0, min_size - n) for n in volume.shape]
+    if not any(missing):
         return volume
-    return np.pad(volume, widths, constant_values=air)
+    return np.pad(volume, [(m // 2, m - m // 2) for m in missing], constant_values=air)
 
 
 def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
@@ -126,7 +124,7 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
         ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min)
         mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
         spacing = (config.spacing_mm,) * 3
-    full: Box = (slice(None), slice(None), slice(None))
+    full: Box = tuple((0, n) for n in ct.shape)
     boxes: dict[str, Box] = dict.fromkeys(REGIONS, full)
     margin = tuple(math.ceil(config.margin_mm / s) for s in spacing)
     for name in REGIONS:
@@ -146,8 +144,7 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
     return Regions(
         grid_hu=ct,
         grid_mask=mask,
-        boxes={n: tuple(b.indices(s)[:2] for b, s in zip(boxes[n], ct.shape, strict=True))
-               for n in REGIONS},
+        boxes=boxes,
         spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         config=config,
     )
