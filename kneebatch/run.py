@@ -16,15 +16,15 @@ from kneebatch import __version__
 from kneebatch.cluster import Connection
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError, OutputError
-from kneebatch.gather import (
+from kneebatch.gather import gather_run
+from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
+from kneebatch.model import read_model_info
+from kneebatch.records import (
     clear_failure,
-    gather_run,
     record_failure,
     record_manifest_problems,
     save_run_record,
 )
-from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.model import read_model_info
 from kneebatch.store import is_finished, remove_temporaries
 from kneebatch.subject import SubjectOutcome, process_subject
 
