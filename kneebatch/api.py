@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from kneebatch.config import ExtractionConfig
-from kneebatch.manifest import SubjectSpec, check_side, check_subject_id
+from kneebatch.manifest import subject_spec
 from kneebatch.model import get_model
 from kneebatch.subject import SubjectResult, compute_subject
 
@@ -38,8 +38,7 @@ def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
     Raises:
         KneebatchError: bad input or model.
     """
-    spec = SubjectSpec(check_subject_id(subject_id), Path(ct).resolve(), Path(mask).resolve(),
-                       check_side(side))
+    spec = subject_spec(subject_id, ct, mask, side)
     return compute_subject(spec, config or ExtractionConfig(), get_model(Path(model_path)))
 
 

@@ -90,15 +90,14 @@ def _print_table(subject_id: str, rows: Sequence[SimilarityRow], weights: str) -
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from kneebatch.manifest import SubjectSpec, check_side, check_subject_id
+    from kneebatch.manifest import subject_spec
     from kneebatch.model import get_model
     from kneebatch.runtime import configure_compute, usable_cpus
     from kneebatch.store import read_similarities, subject_dir
     from kneebatch.subject import process_subject
 
     config = _config(args)
-    spec = SubjectSpec(check_subject_id(args.subject_id), args.ct.resolve(), args.mask.resolve(),
-                       check_side(args.side))
+    spec = subject_spec(args.subject_id, args.ct, args.mask, args.side)
     configure_compute(args.threads or usable_cpus())
     model_path = _model_path(args)
     model = get_model(model_path)  # a bad model file is a usage error (exit 2), not a subject's

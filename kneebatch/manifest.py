@@ -66,6 +66,17 @@ def check_side(side: str | None, where: str = "") -> str | None:
     return value
 
 
+def subject_spec(subject_id: str, ct: Path | str, mask: Path | str,
+                 side: str | None = None) -> SubjectSpec:
+    """A checked spec for one knee given directly (``extract``, the Python API).
+
+    Raises:
+        ManifestError: an unsafe subject id or a bad side.
+    """
+    return SubjectSpec(check_subject_id(subject_id), Path(ct).resolve(), Path(mask).resolve(),
+                       check_side(side))
+
+
 def _row_problems(row: dict[str, str], line: int, folder: Path) -> tuple[SubjectSpec | None, list[str]]:
     where = f"row {line}: "
     problems = []
