@@ -12,6 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+import torchvision
+
 from kneebatch import __version__
 from kneebatch.cluster import Connection
 from kneebatch.config import ExtractionConfig
@@ -182,8 +185,10 @@ def run_cohort(
                          stopped)
     record = {"run_id": run_id, "model_sha256": info.sha256, "weights": info.weights,
               "config_hash": config_hash, "config": config.to_dict(),
-              "versions": {"kneebatch": __version__, "torch": info.torch,
-                           "torchvision": info.torchvision},
+              "versions": {"kneebatch": __version__, "torch": torch.__version__,
+                           "torchvision": torchvision.__version__},
+              "model_built_with": {"torch": info.torch, "torchvision": info.torchvision,
+                                   "kneebatch": info.kneebatch},
               "started": started.isoformat(timespec="seconds"),
               "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "manifest": str(manifest_path) if manifest_path else None,
