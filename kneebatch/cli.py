@@ -90,8 +90,13 @@ def _print_table(subject_id: str, rows: Sequence[SimilarityRow], weights: str) -
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    import uuid
+    from datetime import datetime, timezone
+
     from kneebatch.manifest import subject_spec
     from kneebatch.model import get_model
+    from kneebatch.outdir import check_settings, claim_out
+    from kneebatch.records import SettingsRecord
     from kneebatch.runtime import configure_compute, usable_cpus
     from kneebatch.store import read_similarities, subject_dir
     from kneebatch.subject import process_subject
@@ -101,8 +106,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     configure_compute(args.threads or usable_cpus())
     model_path = _model_path(args)
     model = get_model(model_path)  # a bad model file is a usage error (exit 2), not a subject's
-    outcome = process_subject(spec, config, model_path, args.out)
-    if not outcome.ok:
+    claim_out(args.out)
+    check_settings(args.out, SettingsRecord(config.hash(), model.info.sha256, model.info.weights,
+                                            config.to_dict()), overwrite=args.overwrite)
+    run_id = f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    outcome = process_subject(spec, config, model_path, args.out, run_id=run_id,
+                              overwrite=args.overwrite)
+    if outcome.status == "claimed":
+        print(f"kneebatch: subject {spec.subject_id} is being computed by another process right "
+              "now; try again when it has finished.", file=sys.stderr)
+        return EXIT_FAILED
+    if outcome.status == "failed":
         print(f"kneebatch: subject failed at {outcome.stage}: {outcome.error}", file=sys.stderr)
         return EXIT_FAILED
     folder = subject_dir(args.out, spec.subject_id)
@@ -212,10 +226,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     all_specs, row_problems = parse_manifest(args.manifest)
     if not all_specs and not row_problems:
         raise ConfigError(f"Manifest {args.manifest} lists no subjects; add one row per knee.")
-    specs = shard(all_specs, args.shard)
     model_path = _model_path(args)
-    progress = Progress(len(specs), sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
-                        every_n=args.progress_every)
+    progress = Progress(len(shard(all_specs, args.shard)), sys.stderr.write,
+                        tty=sys.stderr.isatty() and not args.quiet, every_n=args.progress_every)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -225,13 +238,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, request_stop)
-    summary = run_cohort(specs, args.out, model_path, config=config,
+    summary = run_cohort(all_specs, args.out, model_path, config=config,
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
                          on_progress=progress, stop=stop, gather_results=not args.no_gather,
-                         manifest_problems=row_problems, qc=args.qc)
+                         manifest_problems=row_problems, qc=args.qc, part=args.shard)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
+    if summary.changed:
+        print(f"{summary.changed} subject(s) were redone because their inputs, settings or "
+              "result files changed since they were finished.")
+    if summary.left_out:
+        print(f"{summary.left_out} folder(s) under {summary.out / 'subjects'} are not in this "
+              "manifest and were left out of the Parquet.")
     if args.no_gather:
         print(f"Per-subject results in {summary.out / 'subjects'}; build the Parquet with "
               f"`kneebatch gather {summary.out}` once every shard is done.")
@@ -241,6 +260,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_summary_table(summary.out)
     if summary.failed:
         print(f"{summary.failed} subject(s) failed: see {summary.out / 'failures.csv'}")
+    if summary.pending and not summary.stopped:
+        print(f"{summary.pending} subject(s) of the manifest have no current result (replaced "
+              f"by another run?): see `kneebatch status {summary.out}`, then rerun.")
+        return EXIT_FAILED
     if summary.stopped:
         print("Stopped by a signal before the end: submit the same command again to finish.")
         return EXIT_SIGNAL
@@ -254,7 +277,13 @@ def _cmd_gather(args: argparse.Namespace) -> int:
     print(f"Gathered {result.subjects} subject(s) ({result.similarity_rows} similarity rows, "
           f"{result.feature_rows} feature rows) into {args.out}; {result.failures} failure(s) "
           "in failures.csv")
-    return EXIT_OK
+    if result.left_out:
+        print(f"Left out {result.left_out} folder(s) under {args.out / 'subjects'} that are not "
+              "in the last run's manifest.")
+    if result.pending:
+        print(f"{len(result.pending)} subject(s) of the manifest have no current result yet "
+              f"(e.g. {', '.join(result.pending[:3])}); rerun `kneebatch run` to compute them.")
+    return EXIT_FAILED if result.pending else EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -304,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side", default=None, help="L (mirrored) or R; default: unknown")
     p.add_argument("--model", default=None, help="model file (default: $KNEEBATCH_MODEL)")
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute a finished subject; replace results of other settings in OUT")
     _add_config_options(p)
     p.set_defaults(func=_cmd_extract)
 
@@ -331,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
     p.add_argument("--shard", default=None, metavar="I/N", help="only subjects I, I+N, ... (0-based)")
-    p.add_argument("--overwrite", action="store_true", help="recompute finished subjects too")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute finished subjects too; replace results of other settings or "
+                        "another model in OUT (otherwise refused)")
     p.add_argument("--qc", action="store_true",
                    help="write each subject's qc.png as it finishes (see `kneebatch report`)")
     p.add_argument("--no-gather", action="store_true",

@@ -6,7 +6,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 from enum import Enum
+from typing import Any
 
 LAYERS = (
     "denseblock1",
@@ -111,6 +113,24 @@ class ExtractionConfig:
         d["crop"] = self.crop.value
         d["layers"] = list(self.layers)
         return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> ExtractionConfig:
+        """The settings recorded by ``to_dict``; settings this version does not know are ignored
+        (with a warning), missing ones take their defaults.
+
+        Raises:
+            ConfigError: a known setting has an unusable value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            logging.getLogger(__name__).warning(
+                "ignoring setting(s) this kneebatch version does not know: %s", ", ".join(unknown))
+        known: dict[str, Any] = {k: v for k, v in values.items() if k in names}
+        if "layers" in known:
+            known["layers"] = tuple(known["layers"])
+        return cls(**known)
 
     def hash(self) -> str:
         """Short sha256 of the settings; a finished subject is reused only if this matches."""

@@ -1,8 +1,12 @@
 """Gather stage: per-subject files -> the Parquet datasets ``OUT/similarities/`` and ``OUT/features/``,
-plus ``failures.csv`` and ``run.json`` from the records in ``records.py``.
+``failures.csv`` and ``run.json``.
 
-Each dataset is written into a temporary folder next to its final place and swapped in, so a reader
-(or a second gather running at the same time) never sees a half-written dataset.
+Gather takes exactly the subjects of the last run's manifest (every finished folder when OUT was
+written by ``extract`` alone), each with the key that run expects. It is total: a subject folder with
+a missing, truncated or malformed file is listed in ``failures.csv`` (stage ``gather``) and the
+dataset is built from the rest. Each file is read once. A dataset is one Parquet file written to a
+temporary name beside it and renamed into place, so a reader never sees half a dataset and a killed
+gather leaves the previous one whole.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,152 +27,242 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kneebatch.errors import OutputError
-from kneebatch.records import RUNS_DIR, latest_run_record, unwritable, write_failures_csv
-from kneebatch.store import (
-    read_done,
-    read_features,
-    read_similarities,
-    subject_dir,
-    write_text_atomic,
+from kneebatch.failures import row_failures, subject_failures, write_failures_csv
+from kneebatch.outdir import (
+    DATASETS,
+    OLD_DEBRIS,
+    check_owned,
+    folder_settings,
+    gather_lock,
+    read_manifest_record,
+    run_records,
+    unwritable,
 )
+from kneebatch.records import DoneRecord, FailureRecord, RunRecord
+from kneebatch.store import DamagedResult, read_done, read_result, subject_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash")
+PART = "part-0.parquet"
 
 
 @dataclasses.dataclass(frozen=True)
 class GatherResult:
-    """What a gather found."""
+    """What a gather found.
+
+    Attributes:
+        subjects: subjects in the Parquet.
+        similarity_rows, feature_rows: rows written.
+        failures: rows of ``failures.csv``.
+        pending: subjects of the manifest with neither a current result nor a failure.
+        left_out: folders under ``subjects/`` that are not in the manifest (not gathered).
+        kept_previous: the existing, larger Parquet was kept (a stopped run never shrinks it).
+    """
 
     subjects: int
     similarity_rows: int
     feature_rows: int
     failures: int
-    stale: tuple[str, ...]
+    pending: tuple[str, ...] = ()
+    left_out: int = 0
+    kept_previous: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """What ``run.json`` records of the Parquet."""
+        return {"subjects": self.subjects, "failures": self.failures, "pending": len(self.pending),
+                "left_out_folders": self.left_out, "kept_previous": self.kept_previous}
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the folder ``tmp``; safe against a concurrent gather doing the same."""
-    for _ in range(100):
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another gather put its folder there first; move it aside and retry
-            time.sleep(0.05)
+@dataclasses.dataclass
+class _Survey:
+    finished: list[tuple[Path, DoneRecord]]
+    problems: list[FailureRecord]
+    pending: list[str]
+    expected: list[str]
+    left_out: int
+
+
+def _clear_debris(out: Path) -> None:
+    """Remove what killed gathers left (the caller holds the gather lock)."""
+    for name in DATASETS:
+        for tmp in (out / name).glob(".*.tmp") if (out / name).is_dir() else []:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    for path in out.iterdir():
+        if OLD_DEBRIS.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _survey(out: Path) -> _Survey:
+    """Which subjects are finished with the expected key; reads only ``done.json`` files."""
+    manifest = read_manifest_record(out)
+    settings = folder_settings(out)
+    base = out / "subjects"
+    folders = {p.name for p in base.iterdir()} if base.is_dir() else set()
+    expected: dict[str, str | None] = (dict(manifest.subjects) if manifest
+                                       else dict.fromkeys(sorted(folders)))
+    survey = _Survey([], [], [], list(expected), len(folders - set(expected)))
+    for subject_id, key in expected.items():
+        folder = subject_dir(out, subject_id)
+        if folder.is_symlink():
+            survey.problems.append(FailureRecord(
+                subject_id, f"Subject {subject_id}: {folder} is a symlink; kneebatch neither reads "
+                "nor writes through links. Remove the link and rerun to compute it here.", "gather"))
             continue
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    raise OSError(f"could not put {final} in place")
+        done = read_done(folder)
+        if done is None:
+            survey.pending.append(subject_id)
+            continue
+        if (key is not None and done.key != key) or (key is None and settings is not None and (
+                done.config_hash != settings.config_hash
+                or done.model_sha256 != settings.model_sha256)):
+            survey.pending.append(subject_id)  # made from other inputs or settings
+            continue
+        survey.finished.append((folder, done))
+    return survey
 
 
-def _table_writer(tmp: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    tmp.mkdir(parents=True)
-    return pq.ParquetWriter(tmp / "part-0.parquet", schema)
+def _schemas(extra_columns: list[str], provenance: dict[str, Any]) -> tuple[pa.Schema, pa.Schema]:
+    meta = {b"kneebatch": json.dumps(provenance, sort_keys=True).encode()}
+    prov = [(c, pa.string()) for c in PROVENANCE]
+    sims = pa.schema([("subject_id", pa.string()), ("layer", pa.string()),
+                      ("region_a", pa.string()), ("region_b", pa.string()),
+                      ("cosine", pa.float64())] + [(c, pa.string()) for c in extra_columns] + prov,
+                     metadata=meta)
+    feats = pa.schema([("subject_id", pa.string()), ("region", pa.string()),
+                       ("layer", pa.string()), ("dim", pa.int32()),
+                       ("vector", pa.list_(pa.float32())), *prov], metadata=meta)
+    return sims, feats
 
 
-def gather(out: Path, run_id: str, *, config_hash: str | None = None,
-           model_sha256: str | None = None, provenance: dict[str, Any] | None = None,
+@contextlib.contextmanager
+def _writers(out: Path, schemas: tuple[pa.Schema, pa.Schema]) -> Iterator[
+        tuple[pq.ParquetWriter, pq.ParquetWriter, list[tuple[Path, Path]]]]:
+    """Writers to temporary files beside each dataset's part; the caller renames them in."""
+    token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    moves = []
+    for name in DATASETS:
+        (out / name).mkdir(exist_ok=True)
+        moves.append((out / name / f".{PART}.{token}.tmp", out / name / PART))
+    try:
+        with pq.ParquetWriter(moves[0][0], schemas[0]) as sims, \
+                pq.ParquetWriter(moves[1][0], schemas[1]) as feats:
+            yield sims, feats, moves
+    finally:
+        for tmp, _ in moves:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _subjects_in(path: Path) -> int:
+    """Subjects in an existing dataset part (0 when there is none or it cannot be read)."""
+    try:
+        return len(pq.read_table(path, columns=["subject_id"]).column(0).unique())
+    except (OSError, pa.ArrowException):
+        return 0
+
+
+def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: bool = False,
            batch: int = 256) -> GatherResult:
     """Build ``OUT/similarities/``, ``OUT/features/`` and ``OUT/failures.csv`` from ``OUT/subjects``.
 
     Args:
-        out: the run's output folder.
-        run_id: stored as a column.
-        config_hash, model_sha256: when given, subjects finished with other settings are left out
-            (and listed as ``stale``).
+        out: the output folder.
         provenance: stored as JSON in both datasets' schema metadata.
+        keep_larger: keep the existing Parquet when it holds more subjects (a stopped run).
         batch: subjects per Parquet row group.
 
     Returns:
         Counts of what was written.
     """
-    finished: list[tuple[Path, dict[str, Any]]] = []
-    stale = []
-    base = out / "subjects"
-    for folder in sorted(base.iterdir()) if base.is_dir() else []:
-        done = read_done(folder)
-        if done is None or subject_dir(out, folder.name) != folder:
-            continue
-        if (config_hash and done.get("config_hash") != config_hash) or (
-                model_sha256 and done.get("model_sha256") != model_sha256):
-            stale.append(folder.name)
-            continue
-        finished.append((folder, done))
-    if stale:
-        log.warning("%d subject(s) in %s were made with other settings and are left out of the "
-                    "Parquet: %s", len(stale), base, ", ".join(stale[:10]))
-    extra_columns = sorted({k for _, d in finished for k in d.get("extra", {})})
-    meta = {b"kneebatch": json.dumps(provenance or {}, sort_keys=True).encode()}
-    sim_schema = pa.schema(
-        [("subject_id", pa.string()), ("layer", pa.string()), ("region_a", pa.string()),
-         ("region_b", pa.string()), ("cosine", pa.float64())]
-        + [(c, pa.string()) for c in extra_columns] + [(c, pa.string()) for c in PROVENANCE],
-        metadata=meta)
-    feat_schema = pa.schema(
-        [("subject_id", pa.string()), ("region", pa.string()), ("layer", pa.string()),
-         ("dim", pa.int32()), ("vector", pa.list_(pa.float32()))]
-        + [(c, pa.string()) for c in PROVENANCE], metadata=meta)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    sim_tmp, feat_tmp = out / f".similarities.tmp-{token}", out / f".features.tmp-{token}"
-    sim_rows = feat_rows = 0
-    try:
-        with _table_writer(sim_tmp, sim_schema) as sims, _table_writer(feat_tmp, feat_schema) as feats:
-            for start in range(0, len(finished), batch):
-                s_cols: dict[str, list[Any]] = {f.name: [] for f in sim_schema}
-                f_cols: dict[str, list[Any]] = {f.name: [] for f in feat_schema}
-                for folder, done in finished[start:start + batch]:
-                    prov = {"run_id": run_id, "weights": done.get("weights"),
-                            "model_sha256": done.get("model_sha256"),
-                            "config_hash": done.get("config_hash")}
-                    for row in read_similarities(folder):
+    with gather_lock(out):
+        _clear_debris(out)
+        survey = _survey(out)
+        extra_columns = sorted({k for _, d in survey.finished for k in d.extra})
+        schemas = _schemas(extra_columns, provenance or {})
+        gathered: list[str] = []
+        sim_rows = feat_rows = 0
+        with _writers(out, schemas) as (sims, feats, moves):
+            for start in range(0, len(survey.finished), batch):
+                s_cols: dict[str, list[Any]] = {f.name: [] for f in schemas[0]}
+                f_cols: dict[str, list[Any]] = {f.name: [] for f in schemas[1]}
+                for folder, done in survey.finished[start:start + batch]:
+                    try:
+                        rows, vectors = read_result(folder, done)
+                    except DamagedResult as exc:
+                        survey.problems.append(FailureRecord(
+                            done.subject_id, f"Subject {done.subject_id}: {exc.path} "
+                            f"{exc.problem}. Rerun `kneebatch run` to compute it again.",
+                            "gather", done.ct, done.mask))
+                        continue
+                    gathered.append(done.subject_id)
+                    prov = {"run_id": done.run_id, "weights": done.weights,
+                            "model_sha256": done.model_sha256, "config_hash": done.config_hash}
+                    for row in rows:
                         for key, value in {**dataclasses.asdict(row), **prov}.items():
                             s_cols[key].append(value)
                         for column in extra_columns:
-                            s_cols[column].append(done.get("extra", {}).get(column))
-                    for key, vector in read_features(folder).items():
+                            s_cols[column].append(done.extra.get(column))
+                    for key, vector in vectors.items():
                         region, layer = key.split(".", 1)
-                        values = {"subject_id": folder.name, "region": region, "layer": layer,
+                        values = {"subject_id": done.subject_id, "region": region, "layer": layer,
                                   "dim": int(vector.shape[0]),
                                   "vector": np.asarray(vector, np.float32), **prov}
                         for column, value in values.items():
                             f_cols[column].append(value)
-                sims.write_table(pa.table(s_cols, schema=sim_schema))
-                feats.write_table(pa.table(f_cols, schema=feat_schema))
+                sims.write_table(pa.table(s_cols, schema=schemas[0]))
+                feats.write_table(pa.table(f_cols, schema=schemas[1]))
                 sim_rows += len(s_cols["subject_id"])
                 feat_rows += len(f_cols["subject_id"])
-        _swap_in(sim_tmp, out / "similarities")
-        _swap_in(feat_tmp, out / "features")
-    finally:
-        shutil.rmtree(sim_tmp, ignore_errors=True)
-        shutil.rmtree(feat_tmp, ignore_errors=True)
-    failures = write_failures_csv(out, {f.name for f, _ in finished})
-    return GatherResult(len(finished), sim_rows, feat_rows, failures, tuple(stale))
+            sims.close()
+            feats.close()
+            kept = keep_larger and _subjects_in(moves[0][1]) > len(gathered)
+            if kept:
+                log.warning("kept the existing Parquet in %s: it holds more subjects than this "
+                            "stopped run could gather (%d); the next complete run replaces it",
+                            out, len(gathered))
+            else:
+                for tmp, final in moves:
+                    os.replace(tmp, final)
+        done_ids = set(gathered)
+        failed = subject_failures(out)
+        problem_ids = {p.subject_id for p in survey.problems}
+        records = row_failures(out) + survey.problems + [
+            failed[s] for s in survey.expected
+            if s in failed and s not in done_ids and s not in problem_ids]
+        failures = write_failures_csv(out, records)
+    pending = tuple(s for s in survey.pending if s not in failed)
+    if survey.left_out:
+        log.info("left %d folder(s) under %s out of the Parquet: not in the last run's manifest",
+                 survey.left_out, out / "subjects")
+    return GatherResult(len(gathered), sim_rows, feat_rows, failures, pending, survey.left_out,
+                        kept)
 
 
-def gather_run(out: Path, record: dict[str, Any] | None = None) -> GatherResult:
-    """Gather the subjects finished with ``record``'s settings (default: the latest run's) and
-    write ``run.json``: the record plus what the Parquet now holds.
+def gather_run(out: Path, record: RunRecord | None = None, *,
+               keep_larger: bool = False) -> GatherResult:
+    """Gather OUT and write ``run.json``: ``record`` (default: the latest run's) plus what the
+    Parquet now holds. Works on any kneebatch OUT, also one written only by ``extract``.
 
     Raises:
-        OutputError: no run has written to ``out`` yet.
+        OutputError: OUT is not a kneebatch folder, or cannot be written.
+        ConfigError: OUT holds paths kneebatch did not make.
     """
-    record = record or latest_run_record(out)
+    check_owned(out)
     if record is None:
-        raise OutputError(f"{out} holds no kneebatch run (no {RUNS_DIR}/); run `kneebatch run "
-                          f"MANIFEST --out {out}` first.")
-    provenance = {k: record.get(k) for k in ("run_id", "model_sha256", "weights", "config_hash",
-                                             "config", "versions")}
+        records = run_records(out)
+        settings = folder_settings(out)
+        record = records[-1] if records else RunRecord(
+            run_id="gather", started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            config_hash=settings.config_hash if settings else "",
+            config=settings.config if settings else {},
+            model_sha256=settings.model_sha256 if settings else "",
+            weights=settings.weights if settings else "")
     try:
-        result = gather(out, record["run_id"], config_hash=record.get("config_hash"),
-                        model_sha256=record.get("model_sha256"), provenance=provenance)
-        summary = {**record, "parquet": {"subjects": result.subjects, "failures": result.failures,
-                                         "stale_subjects": len(result.stale)}}
-        write_text_atomic(out / "run.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        result = gather(out, provenance=record.provenance(), keep_larger=keep_larger)
+        summary = dataclasses.replace(record, parquet=result.summary())
+        write_text_atomic(out / "run.json", summary.to_json())
     except OSError as exc:
         raise unwritable(out, exc) from exc
     return result

@@ -15,6 +15,10 @@ from kneebatch.errors import ManifestError
 
 REQUIRED = ("subject_id", "ct", "mask")
 SIDES = ("L", "R")
+# Columns kneebatch writes into its outputs: an extra manifest column may not take these names.
+RESERVED = ("layer", "region", "region_a", "region_b", "cosine", "dim", "vector", "run_id",
+            "weights", "model_sha256", "config_hash", "key", "warnings")
+MAX_ID_LENGTH = 200  # a folder name must fit in 255 bytes, with room for kneebatch's own suffixes
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -53,6 +57,9 @@ def check_subject_id(subject_id: str, where: str = "") -> str:
             f"{where}subject id {subject_id!r} is not allowed: use letters, digits, '.', '_' and "
             "'-' only (no '/', spaces or '..'), e.g. 'knee_001'."
         )
+    if len(subject_id) > MAX_ID_LENGTH:
+        raise ManifestError(f"{where}subject id {subject_id[:40]!r}... is {len(subject_id)} "
+                            f"characters long; use at most {MAX_ID_LENGTH}.")
     return subject_id
 
 
@@ -134,6 +141,12 @@ def parse_manifest(path: Path) -> tuple[list[SubjectSpec], list[RowProblem]]:
             f"Manifest {path} lacks column(s) {', '.join(missing)}; its header is {header}. "
             "The first line must name at least: subject_id,ct,mask (optional: side, any others)."
         )
+    clashes = [c for c in header if c in RESERVED]
+    if clashes:
+        raise ManifestError(
+            f"Manifest {path}: column(s) {', '.join(clashes)} would clash with kneebatch's output "
+            f"columns. Rename them (e.g. {clashes[0]} -> my_{clashes[0]}); reserved names: "
+            f"{', '.join(RESERVED)}.")
     reader.fieldnames = header
     specs: list[SubjectSpec] = []
     problems: list[RowProblem] = []

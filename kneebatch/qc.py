@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kneebatch.config import CropMode, ExtractionConfig
+from kneebatch.config import ExtractionConfig
 from kneebatch.errors import KneebatchError
 from kneebatch.io import load_scan
 from kneebatch.manifest import SubjectSpec
@@ -17,14 +17,6 @@ from kneebatch.store import read_done
 log = logging.getLogger(__name__)
 
 
-def config_from_done(done: dict[str, object]) -> ExtractionConfig:
-    """The settings a subject was computed with."""
-    values = dict(done["config"])  # type: ignore[call-overload]
-    values["crop"] = CropMode(values["crop"])
-    values["layers"] = tuple(values["layers"])
-    return ExtractionConfig(**values)
-
-
 def write_subject_qc(folder: Path) -> Path:
     """(Re)draw ``folder/qc.png`` from the subject's inputs and ``done.json``.
 
@@ -33,11 +25,11 @@ def write_subject_qc(folder: Path) -> Path:
     """
     done = read_done(folder)
     if done is None:
-        raise FileNotFoundError(f"{folder} has no done.json")
-    spec = SubjectSpec(done["subject_id"], Path(done["ct"]), Path(done["mask"]), done["side"])
-    config = config_from_done(done)
+        raise FileNotFoundError(f"{folder} has no readable done.json")
+    spec = SubjectSpec(done.subject_id, Path(done.ct), Path(done.mask), done.side)
+    config = ExtractionConfig.from_dict(done.config)
     regions = make_regions(load_scan(spec, config), config)
-    title = qc_title(spec.subject_id, spec.side, regions.spacing_mm, str(done.get("weights")))
+    title = qc_title(spec.subject_id, spec.side, regions.spacing_mm, done.weights)
     return write_qc(folder, regions, title)
 
 
@@ -50,7 +42,7 @@ def write_missing_qc(out: Path, redo: bool = False) -> tuple[int, int]:
     written = failed = 0
     for done_file in sorted((out / "subjects").glob("*/done.json")):
         folder = done_file.parent
-        if (folder / "qc.png").is_file() and not redo:
+        if folder.is_symlink() or ((folder / "qc.png").is_file() and not redo):
             continue
         try:
             write_subject_qc(folder)

@@ -1,107 +1,176 @@
-"""Run bookkeeping under ``OUT/.kneebatch/``: one JSON per failed subject (or unusable manifest row)
-and one per run or array shard. ``failures.csv`` and ``run.json`` are rebuilt from them, so shards
-of one cohort never overwrite each other's results.
+"""Records on disk: ``done.json`` (a finished subject), a run record and a failure record.
+
+Each record is a frozen dataclass with one writer (``to_json``) and one reader (``from_json``) that
+tolerates what another kneebatch version wrote: unknown keys are ignored, missing ones take their
+defaults, and a file that is not a record at all reads as None. No other module reads these files
+with string keys.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
+import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-from kneebatch.errors import OutputError
-from kneebatch.manifest import RowProblem
-from kneebatch.store import write_text_atomic
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-FAILURES_DIR = ".kneebatch/failures"  # one JSON per failed subject; failures.csv is made from them
-RUNS_DIR = ".kneebatch/runs"  # one JSON per run (or array shard); run.json is made from them
-FAILURE_COLUMNS = ("subject_id", "error", "stage", "ct", "mask", "time")
+R = TypeVar("R", bound="_Record")
 
 
-def record_failure(out: Path, key: str, record: dict[str, Any]) -> None:
-    """Remember a failure (for ``failures.csv``) under ``key`` (a checked subject id or
-    ``manifest-row-N``); replaces an older record with the same key."""
-    folder = out / FAILURES_DIR
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / f"{key}.json", json.dumps(record, sort_keys=True))
-    except OSError as exc:  # e.g. the disk is full: the run goes on, the log keeps the reason
-        log.error("cannot record the failure of %s in %s: %s", record.get("subject_id"), folder,
-                  exc)
+class _Record:
+    """JSON (de)serialisation shared by the records below."""
+
+    def to_json(self) -> str:
+        """The record as pretty, sorted JSON (one writer for each record type)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[R], data: object) -> R | None:
+        """The record from parsed JSON; unknown keys ignored, None if required ones are missing."""
+        if not isinstance(data, dict):
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError:  # a required field is missing: not a record of this type
+            return None
+
+    @classmethod
+    def read(cls: type[R], path: Path) -> R | None:
+        """The record stored at ``path``, or None when missing, unreadable or not such a record."""
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
 
 
-def record_manifest_problems(out: Path, problems: list[RowProblem]) -> None:
-    """Replace the recorded manifest-row failures by ``problems`` (the manifest may be fixed)."""
-    folder = out / FAILURES_DIR
-    for stale in folder.glob("manifest-row-*.json") if folder.is_dir() else []:
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    for problem in problems:
-        record_failure(out, f"manifest-row-{problem.line}", {
-            "subject_id": problem.subject_id, "error": problem.message, "stage": "manifest",
-            "ct": "", "mask": "", "time": ""})
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """Size and sha256 of one result file, so a damaged file is told from a finished one."""
+
+    size: int
+    sha256: str
 
 
-def clear_failure(out: Path, subject_id: str) -> None:
-    """Forget a subject's failure once it has finished."""
-    with contextlib.suppress(FileNotFoundError):
-        (out / FAILURES_DIR / f"{subject_id}.json").unlink()
+@dataclasses.dataclass(frozen=True)
+class DoneRecord(_Record):
+    """``subjects/<id>/done.json``: a subject is finished with exactly these inputs and settings.
 
-
-def write_failures_csv(out: Path, finished: set[str]) -> int:
-    """Write ``OUT/failures.csv`` from the failure records, leaving out subjects in ``finished``.
-
-    Returns:
-        The number of rows written.
+    Attributes:
+        subject_id: the subject.
+        key: hash of everything that made the result (settings, model, inputs); see ``key.py``.
+        config_hash, config: the extraction settings.
+        model_sha256, weights: the model file and the weights it holds.
+        run_id: the run that computed the result (``extract`` makes its own).
+        files: name -> size and sha256 of each result file written before this record.
+        side, ct, mask, extra: the subject's inputs as the manifest gave them.
+        warnings: per-subject warnings (e.g. unknown mask labels).
     """
-    rows = []
-    folder = out / FAILURES_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if path.stem in finished:
-            continue  # a later run finished it (manifest-row-* keys never match an id)
-        with contextlib.suppress(OSError, ValueError):
-            rows.append(json.loads(path.read_text()))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FAILURE_COLUMNS, extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "failures.csv", buffer.getvalue())
-    return len(rows)
+
+    subject_id: str
+    key: str
+    config_hash: str
+    model_sha256: str
+    weights: str
+    run_id: str = ""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    side: str | None = None
+    ct: str = ""
+    mask: str = ""
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    spacing_mm: list[float] = dataclasses.field(default_factory=list)
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    boxes: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    finished_at: str = ""
+
+    def file_entry(self, name: str) -> FileEntry | None:
+        """The recorded size and sha256 of result file ``name``."""
+        entry = self.files.get(name)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return FileEntry(int(entry["size"]), str(entry["sha256"]))
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
-def unwritable(out: Path, exc: OSError) -> OutputError:
-    """The error for an output folder that cannot be written."""
-    return OutputError(f"Cannot write to {out} ({exc.strerror or exc}). Free some space or make "
-                       "it writable, then rerun the same command: finished subjects are kept.")
+@dataclasses.dataclass(frozen=True)
+class FailureRecord(_Record):
+    """One failed subject (or unusable manifest row): a row of ``failures.csv``."""
+
+    subject_id: str
+    error: str
+    stage: str
+    ct: str = ""
+    mask: str = ""
+    time: str = ""
+    run_id: str = ""
 
 
-def save_run_record(out: Path, record: dict[str, Any]) -> None:
-    """Keep one run's (or shard's) record for a later ``gather_run``.
-
-    Raises:
-        OutputError: it cannot be written.
-    """
-    folder = out / RUNS_DIR
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / f"{record['run_id']}.json",
-                          json.dumps(record, indent=2, sort_keys=True) + "\n")
-    except OSError as exc:
-        raise unwritable(out, exc) from exc
+FAILURE_COLUMNS = tuple(f.name for f in dataclasses.fields(FailureRecord))
 
 
-def latest_run_record(out: Path) -> dict[str, Any] | None:
-    """The record of the run that ended last, or None."""
-    records = []
-    folder = out / RUNS_DIR
-    for path in folder.glob("*.json") if folder.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
-            records.append(json.loads(path.read_text()))
-    return max(records, key=lambda r: str(r.get("ended", ""))) if records else None
+@dataclasses.dataclass(frozen=True)
+class RunRecord(_Record):
+    """One run (or array shard): what it was asked, what it did; ``run.json`` is the latest one
+    plus what the Parquet holds (``parquet``)."""
+
+    run_id: str
+    started: str
+    ended: str = ""
+    config_hash: str = ""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_sha256: str = ""
+    weights: str = ""
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    model_built_with: dict[str, str] = dataclasses.field(default_factory=dict)
+    manifest: str | None = None
+    shard: str | None = None
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    wall_s: float = 0.0
+    stopped: bool = False
+    parquet: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        """What the Parquet schema metadata records of this run."""
+        return {"run_id": self.run_id, "model_sha256": self.model_sha256, "weights": self.weights,
+                "config_hash": self.config_hash, "config": self.config, "versions": self.versions}
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingsRecord(_Record):
+    """``.kneebatch/settings.json``: the settings and model every result in OUT is made with."""
+
+    config_hash: str
+    model_sha256: str
+    weights: str = ""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def differs_from(self, other: SettingsRecord) -> list[str]:
+        """What differs from ``other``, in words (empty when the same)."""
+        changes = []
+        if self.model_sha256 != other.model_sha256:
+            changes.append(f"model {self.weights} ({self.model_sha256[:12]}) -> {other.weights} "
+                           f"({other.model_sha256[:12]})")
+        if self.config_hash != other.config_hash:
+            keys = sorted(set(self.config) | set(other.config))
+            changes += [f"{k} {self.config.get(k)!r} -> {other.config.get(k)!r}" for k in keys
+                        if self.config.get(k) != other.config.get(k)] or ["settings"]
+        return changes
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestRecord(_Record):
+    """``.kneebatch/manifest.json``: the subjects of the last run and the key each result must
+    have; gather takes exactly these subjects."""
+
+    subjects: dict[str, str]
+    path: str | None = None
+    sha256: str | None = None

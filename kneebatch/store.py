@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import enum
+import hashlib
 import io
-import json
 import os
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,20 +25,30 @@ from typing import IO, Any
 import numpy as np
 
 from kneebatch.errors import OutputError
+from kneebatch.records import DoneRecord
 from kneebatch.similarity import SimilarityRow
 
 FEATURES = "features.npz"
 SIMILARITIES = "similarities.csv"
 DONE = "done.json"
+QC = "qc.png"
+RESULT_FILES = (FEATURES, SIMILARITIES, QC)
 SIM_COLUMNS = ("subject_id", "layer", "region_a", "region_b", "cosine")
 
 
 def subject_dir(out: Path, subject_id: str) -> Path:
-    """``OUT/subjects/<id>``; the id was checked safe by the manifest, the path is checked again."""
+    """``OUT/subjects/<id>``; the id was checked safe by the manifest, the path is checked again.
+
+    Raises:
+        OutputError: the id is not a plain folder name, or ``OUT/subjects`` is not a real folder.
+    """
     base = out / "subjects"
     path = base / subject_id
     if path.parent != base or subject_id in (".", "..") or "/" in subject_id:
         raise OutputError(f"Subject id {subject_id!r} would write outside {base}.")
+    if base.is_symlink():
+        raise OutputError(f"{base} is a symlink; kneebatch writes only inside OUT. Make it a real "
+                          "folder or choose another --out.")
     return path
 
 
@@ -51,14 +64,6 @@ def _atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def remove_temporaries(out: Path, subject_ids: list[str]) -> None:
-    """Delete temporary files a killed run left in these subjects' folders (never a result)."""
-    for subject_id in subject_ids:
-        for tmp in subject_dir(out, subject_id).glob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -84,16 +89,17 @@ def _similarities_csv(rows: list[SimilarityRow]) -> str:
 
 
 def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.ndarray]],
-                  rows: list[SimilarityRow], done: dict[str, Any],
+                  rows: list[SimilarityRow], done: DoneRecord,
                   started: float, extra: dict[str, bytes] | None = None) -> dict[str, float]:
-    """Write a subject's three files; ``done.json`` last, with the write and total times added.
+    """Write a subject's files; ``done.json`` last, with their sizes and sha256 and the write and
+    total times added. The caller holds the subject's claim.
 
     Args:
         out: the run's output folder.
         subject_id: the subject.
         vectors: region -> layer -> float32 vector; stored as ``"<region>.<layer>"``.
         rows: the similarity rows.
-        done: the provenance and ``timings_s`` for ``done.json``.
+        done: the record to write (its ``files`` and times are filled in here).
         started: ``time.perf_counter()`` when the subject started (for the total time).
         extra: more files to write before ``done.json`` (e.g. ``qc.png``).
 
@@ -109,24 +115,25 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
         if folder.is_symlink():
             raise OutputError(f"Subject {subject_id}: {folder} is a symlink; kneebatch does not "
                               "write through links. Remove it or choose another --out.")
+        remove_result(out, subject_id)  # a stale done.json must not vouch for new files
         folder.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            (folder / DONE).unlink()  # a stale done.json must not vouch for new files
         arrays = {f"{region}.{layer}": vec.astype(np.float32)
                   for region, by_layer in vectors.items() for layer, vec in by_layer.items()}
-        with _atomic(folder / FEATURES) as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        write_text_atomic(folder / SIMILARITIES, _similarities_csv(rows))
-        for name, data in (extra or {}).items():
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        payload = {FEATURES: buffer.getvalue(),
+                   SIMILARITIES: _similarities_csv(rows).encode("utf-8"), **(extra or {})}
+        for name, data in payload.items():
             write_bytes_atomic(folder / name, data)
         now = time.perf_counter()
-        timings = {**done["timings_s"], "write": now - write_start, "total": now - started}
-        done = {**done, "timings_s": {k: round(v, 4) for k, v in timings.items()}}
-        write_text_atomic(folder / DONE, json.dumps(done, indent=2, sort_keys=True) + "\n")
+        timings = {**done.timings_s, "write": now - write_start, "total": now - started}
+        done = dataclasses.replace(
+            done, timings_s={k: round(v, 4) for k, v in timings.items()},
+            files={name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                   for name, data in payload.items()})
+        write_text_atomic(folder / DONE, done.to_json())
     except OSError as exc:
-        for name in (FEATURES, SIMILARITIES, *(extra or {})):  # no half set without done.json
-            with contextlib.suppress(OSError):
-                (folder / name).unlink()
+        remove_result(out, subject_id)  # no half set without done.json
         raise OutputError(
             f"Subject {subject_id}: cannot write {folder} ({exc.strerror or exc}). Check that "
             "the output folder is writable and has free space; finished subjects are kept."
@@ -134,31 +141,104 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
     return timings
 
 
-def read_done(folder: Path) -> dict[str, Any] | None:
-    """The subject's ``done.json``, or None when missing or unreadable."""
-    try:
-        data = json.loads((folder / DONE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def is_finished(out: Path, subject_id: str, config_hash: str, model_sha256: str) -> bool:
-    """True when the subject's ``done.json`` matches this config and model and its files exist."""
+def remove_result(out: Path, subject_id: str) -> None:
+    """Remove a subject's previous result (``done.json`` first) and temporaries a killed writer
+    left; only kneebatch's own file names. The caller holds the subject's claim."""
     folder = subject_dir(out, subject_id)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for name in (DONE, *RESULT_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    for tmp in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty
+
+
+class State(enum.Enum):
+    """Where a subject's result stands against the key the current run expects."""
+
+    FINISHED = "finished"  # done.json with this key, files of the recorded sizes
+    MISSING = "missing"  # no result (never run, failed, or removed)
+    CHANGED = "changed"  # a result of other inputs or settings
+    DAMAGED = "damaged"  # done.json unreadable, or a file missing or of another size
+    LINKED = "linked"  # the folder is a symlink: never read, never written through
+
+
+def read_done(folder: Path) -> DoneRecord | None:
+    """The subject's ``done.json``, or None when missing or unreadable."""
+    return DoneRecord.read(folder / DONE)
+
+
+class DamagedResult(Exception):
+    """A finished subject's file that is missing, truncated or malformed."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def _checked_bytes(folder: Path, name: str, done: DoneRecord) -> bytes:
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DamagedResult(path, f"cannot be read ({exc.strerror or exc})") from exc
+    entry = done.file_entry(name)
+    if entry is None or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise DamagedResult(path, "differs from what done.json recorded (truncated or edited)")
+    return data
+
+
+def result_state(out: Path, subject_id: str, key: str) -> State:
+    """Whether the subject is finished with ``key``: its ``done.json`` holds the key and its files
+    the recorded checksums."""
+    folder = subject_dir(out, subject_id)
+    if folder.is_symlink():
+        return State.LINKED
+    if not (folder / DONE).exists():
+        return State.MISSING
     done = read_done(folder)
-    return (
-        done is not None
-        and done.get("config_hash") == config_hash
-        and done.get("model_sha256") == model_sha256
-        and (folder / FEATURES).is_file()
-        and (folder / SIMILARITIES).is_file()
-    )
+    if done is None:
+        return State.DAMAGED
+    if done.key != key:
+        return State.CHANGED
+    try:
+        for name in (FEATURES, SIMILARITIES):  # small files: their checksums are cheap
+            _checked_bytes(folder, name, done)
+    except DamagedResult:
+        return State.DAMAGED
+    return State.FINISHED
+
+
+def read_result(folder: Path, done: DoneRecord) -> tuple[list[SimilarityRow], dict[str, np.ndarray]]:
+    """A finished subject's similarity rows and vectors, each file read once and checked
+    against ``done.json``.
+
+    Raises:
+        DamagedResult: naming the file and what is wrong with it.
+    """
+    sims = _checked_bytes(folder, SIMILARITIES, done)
+    feats = _checked_bytes(folder, FEATURES, done)
+    try:
+        reader = csv.DictReader(io.StringIO(sims.decode("utf-8")))
+        rows = [SimilarityRow(r["subject_id"], r["layer"], r["region_a"], r["region_b"],
+                              float(r["cosine"])) for r in reader]
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise DamagedResult(folder / SIMILARITIES, f"malformed ({exc})") from exc
+    try:
+        with np.load(io.BytesIO(feats), allow_pickle=False) as data:
+            vectors = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DamagedResult(folder / FEATURES, f"malformed ({exc})") from exc
+    return rows, vectors
 
 
 def read_similarities(folder: Path) -> list[SimilarityRow]:
     """The rows of a subject's ``similarities.csv``."""
-    with (folder / SIMILARITIES).open(newline="") as fh:
+    with (folder / SIMILARITIES).open(newline="", encoding="utf-8") as fh:
         return [SimilarityRow(r["subject_id"], r["layer"], r["region_a"], r["region_b"],
                               float(r["cosine"])) for r in csv.DictReader(fh)]
 

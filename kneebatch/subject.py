@@ -13,22 +13,25 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
 from kneebatch import __version__
+from kneebatch.claims import claim
 from kneebatch.config import REGIONS, ExtractionConfig
 from kneebatch.errors import KneebatchError, MemoryLimitError
 from kneebatch.features import extract_features
 from kneebatch.io import check_headers, load_scan
+from kneebatch.key import subject_key
 from kneebatch.manifest import SubjectSpec
 from kneebatch.memory import estimate_bytes, gib
 from kneebatch.model import LoadedModel, get_model
+from kneebatch.records import DoneRecord
 from kneebatch.regions import make_regions
 from kneebatch.runtime import release_memory
 from kneebatch.similarity import SimilarityRow, similarities
-from kneebatch.store import write_subject
+from kneebatch.store import QC, State, remove_result, result_state, write_subject
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,28 @@ class SubjectResult:
     qc_png: bytes | None = None
 
 
+Status = Literal["finished", "failed", "claimed", "skipped"]
+
+
 @dataclasses.dataclass(frozen=True)
 class SubjectOutcome:
-    """What a worker reports back for one subject (small; the data is on disk)."""
+    """What a worker reports back for one subject (small; the data is on disk).
+
+    Attributes:
+        status: ``finished`` (computed now), ``failed``, ``claimed`` (another process holds the
+            subject: nothing done) or ``skipped`` (another process finished it meanwhile).
+    """
 
     subject_id: str
-    ok: bool
+    status: Status
     error: str | None = None
     stage: str | None = None
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the subject was computed now."""
+        return self.status == "finished"
 
 
 def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedModel, *,
@@ -131,28 +147,30 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
 
 
 def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionConfig,
-                 model: LoadedModel) -> dict[str, Any]:
+                 model: LoadedModel, key: str, run_id: str) -> DoneRecord:
     import torch
     import torchvision
 
-    return {
-        "subject_id": result.subject_id,
-        "config_hash": config.hash(),
-        "config": config.to_dict(),
-        "model_sha256": model.info.sha256,
-        "weights": model.info.weights,
-        "versions": {"kneebatch": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__},
-        "side": result.side,
-        "ct": str(spec.ct),
-        "mask": str(spec.mask),
-        "extra": dict(spec.extra),
-        "spacing_mm": list(result.spacing_mm),
-        "shapes": {r: list(s) for r, s in result.shapes.items()},
-        "boxes": {r: [list(b) for b in box] for r, box in result.boxes.items()},
-        "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return DoneRecord(
+        subject_id=result.subject_id,
+        key=key,
+        config_hash=config.hash(),
+        config=config.to_dict(),
+        model_sha256=model.info.sha256,
+        weights=model.info.weights,
+        run_id=run_id,
+        versions={"kneebatch": __version__, "torch": torch.__version__,
+                  "torchvision": torchvision.__version__},
+        side=result.side,
+        ct=str(spec.ct),
+        mask=str(spec.mask),
+        extra=dict(spec.extra),
+        spacing_mm=list(result.spacing_mm),
+        shapes={r: list(s) for r, s in result.shapes.items()},
+        boxes={r: [list(b) for b in box] for r, box in result.boxes.items()},
+        timings_s={k: round(v, 4) for k, v in result.timings_s.items()},
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int) -> None:
@@ -173,45 +191,59 @@ def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int) 
 
 
 def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Path,
-                    out: Path, memory_limit_bytes: int | None = None,
-                    qc: bool = False) -> SubjectOutcome:
+                    out: Path, *, run_id: str, memory_limit_bytes: int | None = None,
+                    qc: bool = False, overwrite: bool = False) -> SubjectOutcome:
     """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
+
+    Holds the subject's claim throughout, so no other process computes or writes it meanwhile.
+    Under the claim, a result finished with the same key (by another run) is kept unless
+    ``overwrite``; otherwise the previous result is removed before computing, so a subject that
+    now fails has no result left.
 
     Args:
         spec: the subject.
         config: extraction settings.
         model_path: model file from ``kneebatch build-model`` (loaded once per process).
         out: the run's output folder.
+        run_id: recorded in ``done.json`` as the run that computed the result.
         memory_limit_bytes: refuse the subject (stage ``memory``) if its predicted peak memory
             is larger.
         qc: also write ``qc.png``.
+        overwrite: recompute even a finished result.
 
     Returns:
-        ``ok=True`` with timings, or ``ok=False`` with the error message and the stage it
-        happened in; nothing is written for a failed subject.
+        The outcome; for ``failed``, the error message and the stage it happened in.
     """
     stage = ["model"]
     start = time.perf_counter()
     try:
         model = get_model(model_path)
-        if memory_limit_bytes:
-            stage.append("memory")
-            check_memory(spec, config, memory_limit_bytes)
-        result = compute_subject(spec, config, model, stage=stage, qc=qc)
-        stage.append("write")
-        done = _done_record(spec, result, config, model)
-        extra = {"qc.png": result.qc_png} if result.qc_png else {}
-        timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done, start,
-                                extra)
+        key = subject_key(spec, config.hash(), model.info.sha256)
+        with claim(out, spec.subject_id, run_id) as held:
+            if not held:
+                return SubjectOutcome(spec.subject_id, "claimed")
+            if not overwrite and result_state(out, spec.subject_id, key) is State.FINISHED:
+                return SubjectOutcome(spec.subject_id, "skipped")
+            stage.append("write")
+            remove_result(out, spec.subject_id)
+            if memory_limit_bytes:
+                stage.append("memory")
+                check_memory(spec, config, memory_limit_bytes)
+            result = compute_subject(spec, config, model, stage=stage, qc=qc)
+            stage.append("write")
+            done = _done_record(spec, result, config, model, key, run_id)
+            extra = {QC: result.qc_png} if result.qc_png else {}
+            timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done,
+                                    start, extra)
     except KneebatchError as exc:
         log.error("Subject %s failed at %s: %s", spec.subject_id, exc.stage, exc.message)
         log.debug("Subject %s: traceback", spec.subject_id, exc_info=True)
-        return SubjectOutcome(spec.subject_id, False, exc.message, exc.stage)
+        return SubjectOutcome(spec.subject_id, "failed", exc.message, exc.stage)
     except Exception as exc:  # one subject's surprise must not stop the cohort
         log.error("Subject %s failed at %s with an unexpected error:\n%s", spec.subject_id,
                   stage[-1], traceback.format_exc())
         message = (f"Subject {spec.subject_id}: unexpected {type(exc).__name__}: {exc}. This is "
                    "probably a kneebatch bug; please report it with the log.")
-        return SubjectOutcome(spec.subject_id, False, message, stage[-1])
+        return SubjectOutcome(spec.subject_id, "failed", message, stage[-1])
     log.info("Subject %s finished in %.1f s", spec.subject_id, timings["total"])
-    return SubjectOutcome(spec.subject_id, True, timings_s=timings)
+    return SubjectOutcome(spec.subject_id, "finished", timings_s=timings)

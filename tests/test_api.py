@@ -16,8 +16,8 @@ def test_extract_subject_matches_the_files_of_extract(knee: tuple[Path, Path], t
                                                       model_path: Path) -> None:
     result = kneebatch.extract_subject(knee[0], knee[1], model_path, subject_id="k1", side="R")
     assert main(["extract", "--ct", str(knee[0]), "--mask", str(knee[1]), "--subject-id", "k1",
-                 "--side", "R", "--out", str(tmp_path), "--model", str(model_path)]) == 0
-    with np.load(tmp_path / "subjects" / "k1" / "features.npz", allow_pickle=False) as stored:
+                 "--side", "R", "--out", str(tmp_path / "out"), "--model", str(model_path)]) == 0
+    with np.load(tmp_path / "out" / "subjects" / "k1" / "features.npz", allow_pickle=False) as stored:
         for region, layers in result.vectors.items():
             for layer, vector in layers.items():
                 np.testing.assert_array_equal(stored[f"{region}.{layer}"], vector)

@@ -96,7 +96,7 @@ def test_a_bad_subject_exits_1_writes_nothing_and_names_the_file(
 def test_debug_shows_the_traceback(knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--debug", "extract", "--ct", str(tmp_path / "x.nii"), "--mask", str(knee[1]),
-                 "--subject-id", "k1", "--out", str(tmp_path), "--model", str(model_path)]) == 1
+                 "--subject-id", "k1", "--out", str(tmp_path / "out"), "--model", str(model_path)]) == 1
     assert "Traceback" in capsys.readouterr().err
 
 

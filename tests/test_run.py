@@ -95,8 +95,9 @@ def test_a_cohort_gives_parquet_per_subject_files_and_a_failure_list(first_run: 
     assert "missing_ct.nii.gz: does not exist" in failures["error"][0]
     assert not (first_run / "subjects" / "broken").exists()
     record = json.loads((first_run / "run.json").read_text())
-    assert record["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0}
-    assert record["parquet"] == {"subjects": 4, "failures": 1, "stale_subjects": 0}
+    assert record["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "changed": 0}
+    assert record["parquet"] == {"subjects": 4, "failures": 1, "pending": 0, "left_out_folders": 0,
+                                 "kept_previous": False}
     assert record["weights"] == "random:seed=0" and record["stopped"] is False
     assert {"read", "preprocess", "forward.background", "write"} <= set(record["stage_seconds"])
     # the per-subject files hold the same numbers as the Parquet
@@ -148,7 +149,8 @@ def test_overwrite_and_changed_settings_recompute(first_run: Path, cohort: Path,
     shutil.copytree(first_run, out)
     assert run(cohort, out, model_path, "--overwrite") == 1
     assert "4 finished, 1 failed, 0 skipped" in capsys.readouterr().out
-    assert run(cohort, out, model_path, "--layers", "denseblock4") == 1
+    assert run(cohort, out, model_path, "--layers", "denseblock4") == 2  # other settings: refused
+    assert run(cohort, out, model_path, "--layers", "denseblock4", "--overwrite") == 1
     assert "4 finished, 1 failed, 0 skipped" in capsys.readouterr().out
     assert set(pd.read_parquet(out / "similarities")["layer"]) == {"denseblock4"}
 

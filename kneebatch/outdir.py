@@ -1,0 +1,180 @@
+"""The output folder OUT: which of its paths are kneebatch's, and the bookkeeping under
+``OUT/.kneebatch/`` (the folder's settings, the last run's manifest, run records, the gather lock).
+
+OUT is owned: the first ``run`` or ``extract`` marks it by creating ``.kneebatch/``; after that,
+kneebatch refuses an OUT holding anything it did not make, and never deletes what it did not create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from kneebatch.errors import ConfigError, OutputError
+from kneebatch.records import ManifestRecord, RunRecord, SettingsRecord
+from kneebatch.store import write_text_atomic
+
+BOOKKEEPING = ".kneebatch"
+SETTINGS = f"{BOOKKEEPING}/settings.json"
+MANIFEST = f"{BOOKKEEPING}/manifest.json"
+RUNS_DIR = f"{BOOKKEEPING}/runs"  # one JSON per run (or array shard); run.json is the latest
+DATASETS = ("similarities", "features")
+# Everything kneebatch may put at the top of OUT.
+OURS = frozenset({BOOKKEEPING, "subjects", *DATASETS, "run.json", "failures.csv", "report"})
+_DATASET_FILE = re.compile(r"^(part-\d+\.parquet|\.part-\d+\.parquet\.[0-9a-f.]+\.tmp)$")
+# What a gather of kneebatch 0.1 left behind when it was killed; the next gather removes it.
+OLD_DEBRIS = re.compile(r"^\.(similarities|features)\.(tmp|old)-[0-9a-f-]+$")
+
+
+def record_name(subject_id: str) -> str:
+    """A file name for a subject's bookkeeping: the id itself, or for a long id its start and a
+    hash (never too long for a file system, never equal to another id: ids have no ``~``)."""
+    if len(subject_id) <= 100:
+        return subject_id
+    return f"{subject_id[:60]}~{hashlib.sha256(subject_id.encode()).hexdigest()[:20]}"
+
+
+def foreign_paths(out: Path) -> list[Path]:
+    """Paths in OUT that kneebatch did not make (top level and inside the Parquet folders)."""
+    found = [p for p in sorted(out.iterdir()) if p.name not in OURS and not OLD_DEBRIS.match(p.name)]
+    for name in DATASETS:
+        folder = out / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            found.append(folder)
+        elif folder.is_dir():
+            found += [p for p in sorted(folder.iterdir()) if not _DATASET_FILE.match(p.name)]
+    subjects = out / "subjects"
+    if subjects.is_symlink() or (subjects.exists() and not subjects.is_dir()):
+        found.append(subjects)
+    return found
+
+
+def _refuse_foreign(out: Path, found: list[Path]) -> None:
+    shown = ", ".join(str(p) for p in found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
+    raise ConfigError(
+        f"{out} holds paths kneebatch did not make: {shown}. kneebatch never writes over or "
+        "deletes what is not its own: move them elsewhere, or choose a new or empty --out.")
+
+
+def check_owned(out: Path) -> None:
+    """Refuse an OUT that is not a kneebatch folder, or that holds paths kneebatch did not make.
+
+    Raises:
+        OutputError: OUT or its bookkeeping folder is missing.
+        ConfigError: naming the paths that are not kneebatch's.
+    """
+    if not (out / BOOKKEEPING).is_dir():
+        raise OutputError(f"{out} is not a kneebatch output folder (no {BOOKKEEPING}/ in it); "
+                          f"run `kneebatch run MANIFEST --out {out}` first.")
+    found = foreign_paths(out)
+    if found:
+        _refuse_foreign(out, found)
+
+
+def claim_out(out: Path) -> None:
+    """Create or reuse OUT for results: an empty or missing folder is marked as kneebatch's.
+
+    Raises:
+        ConfigError: OUT holds something kneebatch did not make.
+        OutputError: OUT cannot be created.
+    """
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder.")
+        if not (out / BOOKKEEPING).is_dir():
+            found = sorted(out.iterdir()) if out.is_dir() else []
+            if found:
+                _refuse_foreign(out, found)
+        (out / BOOKKEEPING).mkdir(parents=True, exist_ok=True)
+        check_owned(out)
+        (out / "subjects").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create output folder {out}: {exc.strerror or exc}. Choose a "
+                          "writable --out.") from exc
+
+
+def check_settings(out: Path, settings: SettingsRecord, *, overwrite: bool) -> None:
+    """Make ``settings`` the folder's, refusing to mix them with results of other settings.
+
+    Raises:
+        ConfigError: OUT holds results of other settings or another model, and not ``overwrite``.
+    """
+    path = out / SETTINGS
+    current = SettingsRecord.read(path)
+    if current is not None and current.config_hash == settings.config_hash \
+            and current.model_sha256 == settings.model_sha256:
+        return
+    if current is not None and not overwrite:
+        raise ConfigError(
+            f"{out} holds results made with other settings or another model "
+            f"({'; '.join(current.differs_from(settings))}). Choose a new --out for these "
+            "settings, or add --overwrite to replace the results in this folder.")
+    try:
+        write_text_atomic(path, settings.to_json())
+    except OSError as exc:
+        raise unwritable(out, exc) from exc
+
+
+def folder_settings(out: Path) -> SettingsRecord | None:
+    """The settings the results in OUT are made with (None for a folder of an older version)."""
+    return SettingsRecord.read(out / SETTINGS)
+
+
+def save_manifest(out: Path, record: ManifestRecord) -> None:
+    """Remember the subjects (and their keys) of this run for gather and status.
+
+    Raises:
+        OutputError: it cannot be written.
+    """
+    try:
+        write_text_atomic(out / MANIFEST, record.to_json())
+    except OSError as exc:
+        raise unwritable(out, exc) from exc
+
+
+def read_manifest_record(out: Path) -> ManifestRecord | None:
+    """The last run's subjects and keys, or None when OUT was only written by ``extract``."""
+    return ManifestRecord.read(out / MANIFEST)
+
+
+def unwritable(out: Path, exc: OSError) -> OutputError:
+    """The error for an output folder that cannot be written."""
+    return OutputError(f"Cannot write to {out} ({exc.strerror or exc}). Free some space or make "
+                       "it writable, then rerun the same command: finished subjects are kept.")
+
+
+def save_run_record(out: Path, record: RunRecord) -> None:
+    """Keep one run's (or shard's) record; ``run.json`` is rebuilt from the latest.
+
+    Raises:
+        OutputError: it cannot be written.
+    """
+    folder = out / RUNS_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / f"{record.run_id}.json", record.to_json())
+    except OSError as exc:
+        raise unwritable(out, exc) from exc
+
+
+def run_records(out: Path) -> list[RunRecord]:
+    """Every run record in OUT, oldest first."""
+    folder = out / RUNS_DIR
+    records = [RunRecord.read(p) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return sorted((r for r in records if r is not None), key=lambda r: (r.ended, r.run_id))
+
+
+@contextlib.contextmanager
+def gather_lock(out: Path) -> Iterator[None]:
+    """Hold OUT's gather lock: one gather at a time writes the datasets and may clear debris."""
+    path = out / BOOKKEEPING / "gather.lock"
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

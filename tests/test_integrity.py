@@ -1,0 +1,332 @@
+"""Integrity of OUT across reruns (issue 10): a rerun never keeps a stale result, never hides a
+failure, never deletes what is not kneebatch's. Each test is a case a user met on kneebatch 0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from kneebatch.claims import claim
+from kneebatch.cli import main
+from kneebatch.phantom import write_sample
+
+FAST = ("--workers", "1", "--spacing", "2")  # tiny volumes: these tests are about bookkeeping
+
+
+def run(manifest: Path, out: Path, model: Path, *extra: str) -> int:
+    return main(["run", str(manifest), "--out", str(out), "--model", str(model), *FAST, *extra])
+
+
+def command(manifest: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kneebatch", "run", str(manifest), "--out", str(out),
+            "--model", str(model), *FAST, *extra]
+
+
+def sims(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "similarities")
+
+
+def done(out: Path, subject: str) -> dict[str, object]:
+    return json.loads((out / "subjects" / subject / "done.json").read_text())
+
+
+def edit_manifest(manifest: Path, subject: str, **changes: str) -> None:
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for column, value in changes.items():
+        df.loc[df["subject_id"] == subject, column] = value
+    df.to_csv(manifest, index=False)
+
+
+@pytest.fixture
+def cohort(tmp_path: Path) -> Path:
+    return write_sample(tmp_path / "cohort", 3, size="small")
+
+
+@pytest.fixture
+def finished(cohort: Path, model_path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    assert run(cohort, out, model_path) == 0
+    return out
+
+
+def test_a_corrected_manifest_redoes_the_changed_subjects(
+        cohort: Path, finished: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = cohort.parent
+    shutil.copy(folder / "knee001_ct.nii.gz", folder / "other_ct.nii.gz")
+    shutil.copy(folder / "knee001_mask.nii.gz", folder / "other_mask.nii.gz")
+    edit_manifest(cohort, "knee001", side="L")
+    edit_manifest(cohort, "knee002", ct="other_ct.nii.gz", mask="other_mask.nii.gz")
+    edit_manifest(cohort, "knee003", site="Z")
+    capsys.readouterr()
+    assert run(cohort, finished, model_path) == 0
+    printed = capsys.readouterr().out
+    assert "3 finished, 0 failed, 0 skipped" in printed
+    assert "3 subject(s) were redone because their inputs" in printed
+    assert done(finished, "knee001")["side"] == "L"
+    assert str(done(finished, "knee002")["ct"]).endswith("other_ct.nii.gz")
+    table = sims(finished)
+    assert table.loc[table["subject_id"] == "knee003", "site"].unique().tolist() == ["Z"]
+    # the same CT as knee001, now seen as a right knee: the same numbers as knee001 had
+    assert run(cohort, finished, model_path) == 0
+    assert "0 finished, 0 failed, 3 skipped" in capsys.readouterr().out
+
+
+def test_overwrite_never_hides_a_new_failure(cohort: Path, finished: Path, model_path: Path) -> None:
+    mask_path = cohort.parent / "knee002_mask.nii.gz"
+    mask = sitk.ReadImage(str(mask_path))
+    sitk.WriteImage(mask * 0, str(mask_path))  # the user's segmentation came back empty
+    assert run(cohort, finished, model_path, "--overwrite") == 1
+    failures = pd.read_csv(finished / "failures.csv")
+    assert failures["subject_id"].tolist() == ["knee002"]
+    assert failures["stage"].tolist() == ["regions"]
+    assert "knee002" not in set(sims(finished)["subject_id"])
+    assert sorted(set(pd.read_parquet(finished / "features")["subject_id"])) == ["knee001", "knee003"]
+    assert not (finished / "subjects" / "knee002" / "done.json").exists()
+
+
+def test_foreign_files_in_out_are_refused_and_kept(cohort: Path, model_path: Path,
+                                                   tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    proj = tmp_path / "proj"
+    (proj / "features").mkdir(parents=True)
+    (proj / "features" / "radiomics.csv").write_text("x\n")
+    (proj / "run.json").write_text("{}")
+    assert run(cohort, proj, model_path) == 2
+    err = capsys.readouterr().err
+    assert str(proj / "features") in err and "did not make" in err
+    assert (proj / "features" / "radiomics.csv").read_text() == "x\n"
+    assert (proj / "run.json").read_text() == "{}"
+    assert not (proj / "subjects").exists()
+
+
+def test_a_file_put_into_a_kneebatch_out_is_never_deleted(
+        finished: Path, cohort: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (finished / "features" / "radiomics.csv").write_text("x\n")
+    (finished / "notes.txt").write_text("mine")
+    assert run(cohort, finished, model_path) == 2
+    assert main(["gather", str(finished)]) == 2
+    err = capsys.readouterr().err
+    assert str(finished / "features" / "radiomics.csv") in err and str(finished / "notes.txt") in err
+    assert (finished / "features" / "radiomics.csv").read_text() == "x\n"
+    assert (finished / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("column", ["layer", "cosine", "region_a", "run_id", "weights",
+                                    "config_hash"])
+def test_a_manifest_column_named_like_an_output_is_refused_before_compute(
+        column: str, cohort: Path, model_path: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    df = pd.read_csv(cohort, dtype=str)
+    df[column] = "x"
+    clashing = cohort.with_name("clash.csv")
+    df.to_csv(clashing, index=False)
+    out = tmp_path / "clash-out"
+    assert run(clashing, out, model_path) == 2
+    err = capsys.readouterr().err
+    assert column in err and "reserved names" in err
+    assert not out.exists() or not list(out.glob("subjects/*"))
+    renamed = df.rename(columns={column: f"my_{column}"})
+    renamed.to_csv(clashing, index=False)
+    assert run(clashing, out, model_path) == 0
+    assert set(sims(out)[f"my_{column}"]) == {"x"}
+
+
+def test_a_damaged_subject_folder_fails_alone_and_is_recomputed(
+        finished: Path, cohort: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    subjects = finished / "subjects"
+    npz = subjects / "knee001" / "features.npz"
+    npz.write_bytes(npz.read_bytes()[:100])  # truncated
+    csv_file = subjects / "knee002" / "similarities.csv"
+    text = csv_file.read_text()
+    csv_file.write_text(text.replace("cosine", "cosinX"))  # malformed, same size
+    capsys.readouterr()
+    assert main(["gather", str(finished)]) == 0
+    failures = pd.read_csv(finished / "failures.csv")
+    assert sorted(failures["subject_id"]) == ["knee001", "knee002"]
+    assert set(failures["stage"]) == {"gather"}
+    assert str(npz) in failures["error"][0] and str(csv_file) in failures["error"][1]
+    assert all("kneebatch run" in e for e in failures["error"])
+    assert set(sims(finished)["subject_id"]) == {"knee003"}
+    assert run(cohort, finished, model_path) == 0
+    assert "2 finished, 0 failed, 1 skipped" in capsys.readouterr().out
+    assert sorted(set(sims(finished)["subject_id"])) == ["knee001", "knee002", "knee003"]
+    assert len(pd.read_csv(finished / "failures.csv")) == 0
+    (subjects / "knee003" / "features.npz").unlink()  # missing
+    assert main(["gather", str(finished)]) == 0
+    assert pd.read_csv(finished / "failures.csv")["subject_id"].tolist() == ["knee003"]
+    assert sorted(set(sims(finished)["subject_id"])) == ["knee001", "knee002"]
+    assert run(cohort, finished, model_path) == 0
+    assert "1 finished, 0 failed, 2 skipped" in capsys.readouterr().out
+
+
+def test_a_run_with_other_settings_is_refused_without_overwrite(
+        finished: Path, cohort: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sims(finished)
+    assert run(cohort, finished, model_path, "--layers", "denseblock4") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--overwrite" in err and "new --out" in err
+    assert "layers" in err
+    pd.testing.assert_frame_equal(sims(finished), before)
+    assert run(cohort, finished, model_path, "--layers", "denseblock4", "--overwrite") == 0
+    assert set(sims(finished)["layer"]) == {"denseblock4"}
+
+
+def test_two_runs_at_once_compute_each_subject_once(cohort: Path, model_path: Path,
+                                                    tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert run(cohort, reference, model_path) == 0
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen(command(cohort, out, model_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    computed = [int(o.split(" finished,")[0].rsplit(" ", 1)[1]) for o in outputs]
+    assert sum(computed) == 3, outputs
+    a = sims(out).drop(columns="run_id").sort_values(["subject_id", "layer", "region_a",
+                                                       "region_b"]).reset_index(drop=True)
+    b = sims(reference).drop(columns="run_id").sort_values(["subject_id", "layer", "region_a",
+                                                             "region_b"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a.drop(columns="cosine"), b.drop(columns="cosine"))
+    np.testing.assert_allclose(a["cosine"], b["cosine"], atol=1e-5)
+
+
+def test_a_run_waits_for_a_subject_another_process_holds(
+        finished: Path, cohort: Path, model_path: Path) -> None:
+    folder = finished / "subjects" / "knee002"
+    first = done(finished, "knee002")["run_id"]
+    with claim(finished, "knee002", "someone-else") as held:
+        assert held
+        tmp = folder / ".features.npz.99999.deadbeef.tmp"
+        tmp.write_bytes(b"being written by the other run")
+        proc = subprocess.Popen(command(cohort, finished, model_path, "--overwrite"),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 120
+        while not all((finished / "subjects" / s / "done.json").is_file()
+                      and done(finished, s)["run_id"] != first for s in ("knee001", "knee003")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.5)
+        assert proc.poll() is None, "the run ended without the claimed subject"
+        assert tmp.read_bytes() == b"being written by the other run"
+    printed = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, printed
+    assert "3 finished" in printed
+    assert not tmp.exists()
+
+
+def test_a_stopped_run_never_empties_the_parquet(finished: Path, cohort: Path,
+                                                 model_path: Path) -> None:
+    before = sims(finished)
+    proc = subprocess.Popen(command(cohort, finished, model_path, "--overwrite", "--layers",
+                                    "denseblock3"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    claims = finished / ".kneebatch" / "claims"
+    deadline = time.monotonic() + 120
+    while not (claims.is_dir() and list(claims.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    printed = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, printed
+    pd.testing.assert_frame_equal(sims(finished), before)
+
+
+def test_subjects_dropped_from_the_manifest_leave_the_parquet(
+        finished: Path, cohort: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = cohort.read_text().splitlines()
+    consenting = cohort.with_name("consenting.csv")
+    consenting.write_text("\n".join(line for line in lines if not line.startswith("knee002"))
+                          + "\n")
+    capsys.readouterr()
+    assert run(consenting, finished, model_path) == 0
+    assert "1 folder(s)" in capsys.readouterr().out
+    assert sorted(set(sims(finished)["subject_id"])) == ["knee001", "knee003"]
+    assert json.loads((finished / "run.json").read_text())["parquet"]["left_out_folders"] == 1
+    assert main(["gather", str(finished)]) == 0
+    assert sorted(set(sims(finished)["subject_id"])) == ["knee001", "knee003"]
+
+
+def test_every_failure_reaches_failures_csv(cohort: Path, model_path: Path, tmp_path: Path) -> None:
+    long_id = "k" * 200
+    with cohort.open("a") as fh:
+        fh.write(f"{long_id},gone.nii.gz,knee001_mask.nii.gz,R,A,1\n")
+        fh.write(f"{'t' * 230},knee001_ct.nii.gz,knee001_mask.nii.gz,R,A,1\n")
+        fh.write("manifest-row-6,gone.nii.gz,knee001_mask.nii.gz,R,A,1\n")
+        fh.write("bad id,knee001_ct.nii.gz,knee001_mask.nii.gz,R,A,1\n")
+    out = tmp_path / "out"
+    assert run(cohort, out, model_path) == 1
+    failures = pd.read_csv(out / "failures.csv", keep_default_na=False)
+    assert len(failures) == 4
+    assert set(failures["subject_id"]) == {long_id, "t" * 230, "manifest-row-6", "bad id"}
+    stages = dict(zip(failures["subject_id"], failures["stage"], strict=True))
+    assert stages[long_id] == "read" and stages["manifest-row-6"] == "read"
+    assert stages["bad id"] == "manifest" and stages["t" * 230] == "manifest"
+
+
+def test_symlinks_under_subjects_are_refused_on_read_and_write(
+        finished: Path, cohort: Path, model_path: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(finished / "subjects" / "knee001", elsewhere)
+    (finished / "subjects" / "knee001").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["gather", str(finished)]) == 0
+    assert "knee001" not in set(sims(finished)["subject_id"])
+    assert pd.read_csv(finished / "failures.csv")["subject_id"].tolist() == ["knee001"]
+    assert run(cohort, finished, model_path) == 1  # not skipped as finished, not written through
+    failures = pd.read_csv(finished / "failures.csv")
+    assert failures["subject_id"].tolist() == ["knee001"] and "symlink" in failures["error"][0]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["done.json", "features.npz",
+                                                          "similarities.csv"]
+    # OUT/subjects itself must be a real folder inside OUT
+    out2 = tmp_path / "out2"
+    (out2 / ".kneebatch").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (out2 / "subjects").symlink_to(tmp_path / "outside", target_is_directory=True)
+    capsys.readouterr()
+    assert run(cohort, out2, model_path) == 2
+    assert str(out2 / "subjects") in capsys.readouterr().err
+    assert not any((tmp_path / "outside").iterdir())
+
+
+def test_gather_debris_is_removed_and_never_hides_the_dataset(finished: Path) -> None:
+    before = sims(finished)
+    part = finished / "similarities" / ".part-0.parquet.12345.abcdef12.tmp"
+    part.write_bytes(b"half a parquet file")
+    old = finished / ".similarities.old-1a2b3c4d"
+    old.mkdir()
+    pd.testing.assert_frame_equal(sims(finished), before)  # readers skip the debris
+    assert main(["gather", str(finished)]) == 0
+    assert not part.exists() and not old.exists()
+    pd.testing.assert_frame_equal(sims(finished).drop(columns="run_id"),
+                                  before.drop(columns="run_id"))
+
+
+def test_records_of_another_version_are_read(finished: Path) -> None:
+    path = finished / "subjects" / "knee001" / "done.json"
+    record = json.loads(path.read_text())
+    record["config"]["future_setting"] = 3
+    record["from_the_future"] = {"x": 1}
+    path.write_text(json.dumps(record))
+    assert main(["report", str(finished), "--redo-qc"]) == 0
+    assert (finished / "subjects" / "knee001" / "qc.png").is_file()
+
+
+def test_long_ids_get_short_record_names(tmp_path: Path) -> None:
+    from kneebatch.outdir import record_name
+
+    names = {record_name("a" * n) for n in (99, 100, 101, 200)} | {record_name("a" * 150 + "b")}
+    assert len(names) == 5 and all(len(n) <= 100 for n in names)
+    assert record_name("manifest-row-3") == "manifest-row-3"
+    if os.name == "posix":
+        (tmp_path / f"{record_name('x' * 200)}.json").write_text("{}")
