@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import signal
@@ -46,6 +47,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resample-mask", action="store_true",
                        help="put a mask on another grid onto the CT grid (nearest neighbour) "
                             "instead of failing the subject")
+
+
+def _add_read_timeout(parser: argparse.ArgumentParser) -> None:
+    from kneebatch.io import READ_TIMEOUT_S
+
+    parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
+                        help="a CT or mask that gives no answer for S seconds (a hung network "
+                             "mount) fails its subject at stage read (default: %(default)g)")
 
 
 def _config(args: argparse.Namespace) -> ExtractionConfig:
@@ -137,12 +146,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     problems = len(row_problems)
     for spec in specs:
         try:
-            header = check_headers(spec, config)
+            header, mask = check_headers(spec, config, args.read_timeout)
         except KneebatchError as exc:
             problems += 1
             print(f"FAIL {spec.subject_id}: {exc.message}")
             continue
-        need = estimate_bytes(header.size, header.spacing, config)
+        need = estimate_bytes(header.size, header.spacing, config, mask.size)
         print(f"ok   {spec.subject_id}: {header.size[0]}x{header.size[1]}x{header.size[2]} "
               f"{header.pixel}, spacing {tuple(round(s, 3) for s in header.spacing)} mm, "
               f"needs about {gib(need)} per worker")
@@ -178,7 +187,7 @@ def _cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
                        scheduler_file=args.scheduler_file,
                        scheduler_address=args.scheduler_address, memory_limit_bytes=memory,
-                       slurm=slurm)
+                       slurm=slurm, dashboard=args.dashboard)
 
 
 def _cmd_job_script(args: argparse.Namespace) -> int:
@@ -218,30 +227,30 @@ def _print_summary_table(out: Path) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kneebatch.manifest import parse_manifest
     from kneebatch.progress import Progress
-    from kneebatch.run import run_cohort, shard
+    from kneebatch.run import run_cohort
 
     config = _config(args)
-    all_specs, row_problems = parse_manifest(args.manifest)
-    if not all_specs and not row_problems:
-        raise ConfigError(f"Manifest {args.manifest} lists no subjects; add one row per knee.")
     model_path = _model_path(args)
-    progress = Progress(len(shard(all_specs, args.shard)), sys.stderr.write,
-                        tty=sys.stderr.isatty() and not args.quiet, every_n=args.progress_every)
+    progress = Progress(0, sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
+                        every_n=args.progress_every)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
-        log.warning("received %s: finishing up; rerun the same command to resume",
-                    signal.Signals(signum).name)
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now
+        log.warning("received %s: finishing the run; finished subjects are kept (Ctrl-C again "
+                    "to abort at once)", signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, request_stop)
-    summary = run_cohort(all_specs, args.out, model_path, config=config,
+    _route_dask_logging(args.debug)
+    summary = run_cohort(args.manifest, args.out, model_path, config=config,
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
                          on_progress=progress, stop=stop, gather_results=not args.no_gather,
-                         manifest_problems=row_problems, qc=args.qc, part=args.shard)
+                         qc=args.qc, part=args.shard,
+                         read_timeout_s=args.read_timeout, on_start=progress.start)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -265,9 +274,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"by another run?): see `kneebatch status {summary.out}`, then rerun.")
         return EXIT_FAILED
     if summary.stopped:
-        print("Stopped by a signal before the end: submit the same command again to finish.")
+        print("Stopped before the end; finished subjects are kept. To resume, run the same "
+              "command again.")
         return EXIT_SIGNAL
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _route_dask_logging(debug: bool) -> None:
+    """dask's own log lines in our format, and quiet (errors only) unless ``--debug``; worker
+    processes inherit the level through dask's config variable."""
+    import distributed  # noqa: F401  (dask sets up its loggers on import; we replace them)
+
+    level = "info" if debug else "error"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level)
+    for name in ("distributed", "dask_jobqueue"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = logging.getLogger("kneebatch").handlers
+        logger.setLevel(logging.INFO if debug else logging.ERROR)
+        logger.propagate = False
 
 
 def _cmd_gather(args: argparse.Namespace) -> int:
@@ -284,6 +308,33 @@ def _cmd_gather(args: argparse.Namespace) -> int:
         print(f"{len(result.pending)} subject(s) of the manifest have no current result yet "
               f"(e.g. {', '.join(result.pending[:3])}); rerun `kneebatch run` to compute them.")
     return EXIT_FAILED if result.pending else EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from kneebatch.progress import duration
+    from kneebatch.status import cohort_status
+
+    status = cohort_status(args.out, args.manifest)
+    total = len(status.finished) + len(status.failed) + len(status.running) + len(status.pending)
+    print(f"{args.out}: {total} subject(s) in the manifest")
+    print(f"  finished {len(status.finished):>6}")
+    stages = ", ".join(f"{stage} {n}" for stage, n in status.failures_by_stage().items())
+    print(f"  failed   {len(status.failed):>6}" + (f"   by stage: {stages}" if stages else ""))
+    where = collections.Counter(f"{h.host} (pid {h.pid}{', job ' + h.job_id if h.job_id else ''})"
+                                for h in status.running.values())
+    print(f"  running  {len(status.running):>6}"
+          + (f"   on {', '.join(f'{w}: {n}' for w, n in where.items())}" if where else ""))
+    print(f"  pending  {len(status.pending):>6}")
+    run = status.run
+    if run is not None:
+        state = "running" if not run.ended else ("stopped" if run.stopped else "ended")
+        rate = (f"{status.rate_per_h:.0f} knees/h" if status.rate_per_h else "no subject yet")
+        eta = status.eta_s
+        print(f"latest run {run.run_id} ({state}, started {run.started}): {rate}"
+              + (f", ETA {duration(eta)}" if eta and (status.running or status.pending) else ""))
+    if status.failed:
+        print(f"failures: {args.out / 'failures.csv'}")
+    return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -340,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="preflight a manifest: files, headers, geometry; no model")
     p.add_argument("manifest", type=Path)
+    _add_read_timeout(p)
     _add_config_options(p)
     p.set_defaults(func=_cmd_validate)
 
@@ -371,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the Parquet at the end (array shards: one `kneebatch gather` after)")
     p.add_argument("--progress-every", type=int, default=0, metavar="N",
                    help="in batch logs, a progress line every N subjects (default: 5%%)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="serve dask's dashboard on localhost (a free port; the link is logged)")
+    _add_read_timeout(p)
     _add_config_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=_cmd_run)
@@ -385,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qc", action="store_true", help="cohort figures only")
     p.add_argument("--redo-qc", action="store_true", help="redraw existing qc.png too")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("status", help="finished / failed / running / pending subjects, rate, ETA")
+    p.add_argument("out", type=Path)
+    p.add_argument("manifest", type=Path, nargs="?", default=None,
+                   help="count against this manifest (default: the last run's)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("gather", help="rebuild the Parquet datasets from OUT/subjects")
     p.add_argument("out", type=Path)

@@ -11,17 +11,25 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 
 from kneebatch.errors import ConfigError
+from kneebatch.memory import BASE_BYTES, gib
 from kneebatch.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+ALLOWED_FAILURES = 1  # a subject whose worker dies is run once more, then fails at stage `worker`
+CONNECT_TIMEOUT_S = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +85,7 @@ def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
     except ValueError as exc:
         raise ConfigError(f"--slurm-walltime {opts.walltime!r} is not HH:MM:SS, e.g. "
                           "--slurm-walltime 04:00:00.") from exc
-    return SLURMCluster(
+    cluster = SLURMCluster(
         cores=opts.cores,
         processes=max(1, opts.cores // threads),
         memory=opts.memory,
@@ -91,6 +99,29 @@ def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
         job_script_prologue=[f"export OMP_NUM_THREADS={threads}"],
         scheduler_options={"dashboard_address": None},
     )
+    return cluster
+
+
+def check_sbatch(job_script: str) -> None:
+    """Ask SLURM whether it would take a worker job (``sbatch --test-only``: nothing is queued).
+
+    Raises:
+        ConfigError: ``sbatch`` is missing or refuses the job, with sbatch's own message.
+    """
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ConfigError("--cluster slurm needs SLURM's sbatch on PATH; run on a login node of "
+                          "the cluster, or drop --cluster slurm to run on this machine.")
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as fh:
+        fh.write(job_script)
+        fh.flush()
+        done = subprocess.run([sbatch, "--test-only", fh.name], capture_output=True, text=True,
+                              timeout=60)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip()
+        raise ConfigError(f"sbatch refused the worker job: {message}. Fix the --slurm-* options "
+                          "(partition, account, memory, walltime) and try again; "
+                          "`kneebatch job-script` prints the job it submits.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +135,7 @@ class ClusterSpec:
         scheduler_file, scheduler_address: join this scheduler instead of starting one.
         memory_limit_bytes: per worker (0: the job's memory / workers).
         slurm: submit worker jobs with dask-jobqueue instead of starting local workers.
+        dashboard: serve dask's dashboard (on localhost, a free port) for a local cluster.
     """
 
     workers: int = 0
@@ -112,6 +144,7 @@ class ClusterSpec:
     scheduler_address: str | None = None
     memory_limit_bytes: int = 0
     slurm: SlurmOptions | None = None
+    dashboard: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +156,33 @@ class Connection:
     resources: dict[str, float] | None = None
 
 
-def job_memory_bytes() -> int:
-    """Memory this job may use: ``SLURM_MEM_PER_NODE`` (MB) if set, else the machine's."""
-    slurm = os.environ.get("SLURM_MEM_PER_NODE", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        return int(slurm) * 1024**2
-    import psutil
+def job_memory_bytes() -> tuple[int, str]:
+    """Memory this job may use, and where the number comes from: SLURM's ``SLURM_MEM_PER_NODE``,
+    or ``SLURM_MEM_PER_CPU`` times the CPUs per task (MB), else what dask finds (the machine's
+    memory, or its cgroup's limit when lower)."""
+    per_node = os.environ.get("SLURM_MEM_PER_NODE", "")
+    if per_node.isdigit() and int(per_node) > 0:
+        return int(per_node) * 1024**2, f"SLURM_MEM_PER_NODE={per_node} MB"
+    per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "")
+    if per_cpu.isdigit() and int(per_cpu) > 0:
+        cpus = usable_cpus()
+        return int(per_cpu) * cpus * 1024**2, f"SLURM_MEM_PER_CPU={per_cpu} MB x {cpus} CPUs"
+    from distributed.system import MEMORY_LIMIT
 
-    return int(psutil.virtual_memory().total)
+    return int(MEMORY_LIMIT), "this machine's memory"
+
+
+def check_worker_memory(memory_bytes: int, source: str) -> None:
+    """Refuse a worker memory limit below what torch and the model need by themselves.
+
+    Raises:
+        ConfigError: naming the limit, where it came from, and the options that raise it.
+    """
+    if memory_bytes < BASE_BYTES:
+        raise ConfigError(
+            f"A worker needs at least {gib(BASE_BYTES)} for torch and the model; you gave "
+            f"{gib(memory_bytes)} ({source}). Raise --memory-per-worker, give the job more "
+            "memory (sbatch --mem), or use fewer --workers.")
 
 
 def layout(spec: ClusterSpec) -> tuple[int, int]:
@@ -150,6 +202,14 @@ def layout(spec: ClusterSpec) -> tuple[int, int]:
     return workers, threads
 
 
+def subject_resources(client: Client) -> dict[str, float] | None:
+    """``{"subject": 1}`` when the workers offer the ``subject`` resource (ours and
+    ``--cluster slurm``'s do: one subject at a time each), else None (any free slot)."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    offered = [w.get("resources", {}).get("subject") for w in workers]
+    return {"subject": 1} if offered and all(offered) else None
+
+
 @contextlib.contextmanager
 def open_client(spec: ClusterSpec) -> Iterator[Connection]:
     """Connect to (or start) the cluster ``spec`` describes.
@@ -159,22 +219,25 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
     """
     if spec.scheduler_file or spec.scheduler_address:
         target = spec.scheduler_file or spec.scheduler_address
+        fix = ("Start one first, e.g. `dask scheduler --scheduler-file sched.json` and `dask worker "
+               "--scheduler-file sched.json --nthreads 1`, or drop the option to run on this node.")
+        if spec.scheduler_file and not Path(spec.scheduler_file).is_file():
+            raise ConfigError(f"Scheduler file {spec.scheduler_file} does not exist. {fix}")
         try:
-            client = (Client(scheduler_file=spec.scheduler_file, timeout="60s")
-                      if spec.scheduler_file else Client(spec.scheduler_address, timeout="60s"))
+            client = (Client(scheduler_file=spec.scheduler_file, timeout=CONNECT_TIMEOUT_S)
+                      if spec.scheduler_file
+                      else Client(spec.scheduler_address, timeout=CONNECT_TIMEOUT_S))
         except (OSError, TimeoutError, ValueError) as exc:
-            raise ConfigError(
-                f"Cannot reach the dask scheduler at {target} ({exc}). Start one first, e.g. "
-                "`dask scheduler --scheduler-file sched.json` and `dask worker --scheduler-file "
-                "sched.json --nthreads 2`, or drop the option to run on this node."
-            ) from exc
+            raise ConfigError(f"Cannot reach the dask scheduler at {target} ({exc}). {fix}") from exc
         with client:
             log.info("joined scheduler %s with %d workers", target,
                      len(client.scheduler_info().get("workers", {})))
-            yield Connection(client, spec.threads_per_worker or 1)
+            yield Connection(client, spec.threads_per_worker or 1, subject_resources(client))
         return
     if spec.slurm is not None:
         threads = spec.threads_per_worker or 2
+        with slurm_cluster(spec.slurm, threads) as cluster:
+            check_sbatch(cluster.job_script())
         with slurm_cluster(spec.slurm, threads) as cluster, Client(cluster) as client:
             cluster.adapt(minimum_jobs=1, maximum_jobs=spec.slurm.max_jobs)
             log.info("submitting up to %d SLURM worker job(s) of %d cores, %s, walltime %s",
@@ -182,11 +245,44 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
             yield Connection(client, threads, {"subject": 1})
         return
     workers, threads = layout(spec)
-    memory = spec.memory_limit_bytes or job_memory_bytes() // workers
+    if spec.memory_limit_bytes:
+        memory, source = spec.memory_limit_bytes, "--memory-per-worker"
+    else:
+        total, source = job_memory_bytes()
+        memory, source = total // workers, f"{source} / {workers} worker(s)"
+    check_worker_memory(memory, source)
     log.info("starting a LocalCluster: %d worker(s) x %d thread(s), %.1f GiB each (CPUs usable: "
              "%d)", workers, threads, memory / GIB, usable_cpus())
-    env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      memory_limit=memory, dashboard_address=None, env=env) as cluster, \
+    with local_cluster(workers, threads, memory, dashboard=spec.dashboard) as cluster, \
             Client(cluster) as client:
-        yield Connection(client, threads)
+        yield Connection(client, threads, {"subject": 1})
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int, threads: int, memory_bytes: int, *,
+                  dashboard: bool = False) -> Iterator[LocalCluster]:
+    """A LocalCluster that only this user can use: TLS with temporary credentials on localhost,
+    no dashboard unless asked, one subject at a time per worker (the ``subject`` resource),
+    a subject given up after its worker died ``ALLOWED_FAILURES + 1`` times. Its worker processes
+    ignore SIGINT, so a Ctrl-C reaches only the run, which stops them in order."""
+    import signal
+
+    from distributed.security import Security
+
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "error")}
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the worker processes
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                protocol="tls://", security=Security.temporary(), memory_limit=memory_bytes,
+                # the scheduler serves HTTP (health, metrics) even without a dashboard: localhost
+                scheduler_kwargs={"dashboard": dashboard, "dashboard_address": "127.0.0.1:0"},
+                resources={"subject": 1}, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with cluster:
+        if dashboard:
+            log.warning("dask dashboard: %s", cluster.dashboard_link)
+        yield cluster

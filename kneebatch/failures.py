@@ -36,10 +36,13 @@ def save_failure(out: Path, record: FailureRecord) -> None:
                   exc)
 
 
-def clear_failure(out: Path, subject_id: str) -> None:
-    """Forget a subject's failure once it has finished."""
-    with contextlib.suppress(FileNotFoundError):
+def clear_failure(out: Path, subject_id: str) -> bool:
+    """Forget a subject's failure once it has finished; True if there was one."""
+    try:
         (out / SUBJECT_FAILURES / f"{record_name(subject_id)}.json").unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def save_row_problems(out: Path, problems: list[RowProblem], run_id: str) -> None:
@@ -68,6 +71,17 @@ def row_failures(out: Path) -> list[FailureRecord]:
     folder = out / ROW_FAILURES
     paths = sorted(folder.glob("*.json"), key=lambda p: int(p.stem)) if folder.is_dir() else []
     return [r for r in (FailureRecord.read(p) for p in paths) if r is not None]
+
+
+def current_failures(out: Path, subjects: Iterable[str],
+                     extra: Iterable[FailureRecord] = ()) -> list[FailureRecord]:
+    """The rows of ``failures.csv``: unusable manifest rows, then ``extra`` (e.g. what gather
+    found), then the recorded failures of ``subjects`` not already among ``extra``."""
+    extra = list(extra)
+    taken = {r.subject_id for r in extra}
+    failed = subject_failures(out)
+    return row_failures(out) + extra + [failed[s] for s in subjects
+                                        if s in failed and s not in taken]
 
 
 def write_failures_csv(out: Path, records: Iterable[FailureRecord]) -> int:

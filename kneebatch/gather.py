@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kneebatch.failures import row_failures, subject_failures, write_failures_csv
+from kneebatch.failures import current_failures, write_failures_csv
 from kneebatch.outdir import (
     DATASETS,
     OLD_DEBRIS,
@@ -128,7 +128,8 @@ def _schemas(extra_columns: list[str], provenance: dict[str, Any]) -> tuple[pa.S
     prov = [(c, pa.string()) for c in PROVENANCE]
     sims = pa.schema([("subject_id", pa.string()), ("layer", pa.string()),
                       ("region_a", pa.string()), ("region_b", pa.string()),
-                      ("cosine", pa.float64())] + [(c, pa.string()) for c in extra_columns] + prov,
+                      ("cosine", pa.float64())] + [(c, pa.string()) for c in extra_columns]
+                     + [("warnings", pa.string()), *prov],
                      metadata=meta)
     feats = pa.schema([("subject_id", pa.string()), ("region", pa.string()),
                        ("layer", pa.string()), ("dim", pa.int32()),
@@ -204,6 +205,7 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
                             s_cols[key].append(value)
                         for column in extra_columns:
                             s_cols[column].append(done.extra.get(column))
+                        s_cols["warnings"].append("; ".join(done.warnings))
                     for key, vector in vectors.items():
                         region, layer = key.split(".", 1)
                         values = {"subject_id": done.subject_id, "region": region, "layer": layer,
@@ -226,18 +228,34 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
                 for tmp, final in moves:
                     os.replace(tmp, final)
         done_ids = set(gathered)
-        failed = subject_failures(out)
-        problem_ids = {p.subject_id for p in survey.problems}
-        records = row_failures(out) + survey.problems + [
-            failed[s] for s in survey.expected
-            if s in failed and s not in done_ids and s not in problem_ids]
+        records = current_failures(out, [s for s in survey.expected if s not in done_ids],
+                                   survey.problems)
         failures = write_failures_csv(out, records)
+    failed = {r.subject_id for r in records}
     pending = tuple(s for s in survey.pending if s not in failed)
     if survey.left_out:
         log.info("left %d folder(s) under %s out of the Parquet: not in the last run's manifest",
                  survey.left_out, out / "subjects")
     return GatherResult(len(gathered), sim_rows, feat_rows, failures, pending, survey.left_out,
                         kept)
+
+
+def _over_shards(out: Path, record: RunRecord) -> RunRecord:
+    """``record`` with the counts of every shard's latest run of the same array (same shard
+    count, settings and manifest) added up, and their run ids."""
+    count = record.shard.split("/")[1] if record.shard else ""
+    latest: dict[str, RunRecord] = {}
+    for other in run_records(out):  # oldest first: the latest run of each shard wins
+        if other.shard and other.shard.split("/")[1] == count and other.ended and (
+                other.config_hash, other.model_sha256, other.manifest_sha256) == (
+                record.config_hash, record.model_sha256, record.manifest_sha256):
+            latest[other.shard] = other
+    totals: dict[str, int] = {}
+    for shard_record in latest.values():
+        for key, value in shard_record.counts.items():
+            totals[key] = totals.get(key, 0) + value
+    return dataclasses.replace(record, counts=totals,
+                               shards=[r.run_id for _, r in sorted(latest.items())])
 
 
 def gather_run(out: Path, record: RunRecord | None = None, *,
@@ -259,6 +277,8 @@ def gather_run(out: Path, record: RunRecord | None = None, *,
             config=settings.config if settings else {},
             model_sha256=settings.model_sha256 if settings else "",
             weights=settings.weights if settings else "")
+    if record.shard:
+        record = _over_shards(out, record)
     try:
         result = gather(out, provenance=record.provenance(), keep_larger=keep_larger)
         summary = dataclasses.replace(record, parquet=result.summary())

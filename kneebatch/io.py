@@ -12,8 +12,10 @@ import gzip
 import logging
 import math
 import os
+import stat
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,8 +23,11 @@ import SimpleITK as sitk
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import GeometryError, InputImageError
 from kneebatch.manifest import SubjectSpec
+from kneebatch.timeout import call_with_timeout
 
 log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 300.0  # a file that gives no answer for this long fails its subject (--read-timeout)
 
 SPACING_TOL_MM = 1e-3  # CT and mask spacings and origins may differ by this much (rounding)
 ORIGIN_TOL_MM = 1e-3
@@ -41,6 +46,7 @@ class Scan:
         spacing_mm: voxel size (z, y, x).
         side: ``L``, ``R`` or None; ``L`` has been mirrored along x.
         source_orientation: the CT's orientation code as read (e.g. ``RAS``).
+        warnings: what the user should know about this subject's inputs (kept in done.json).
     """
 
     subject_id: str
@@ -49,6 +55,7 @@ class Scan:
     spacing_mm: tuple[float, float, float]
     side: str | None
     source_orientation: str
+    warnings: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,10 @@ def _check_file(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) 
     if not path.exists():
         raise _fail(spec, role, path, "does not exist",
                     "Check the manifest's path (relative paths start at the manifest's folder).")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _fail(spec, role, path, "is not a regular file (a pipe, socket or device)",
+                    "Point the manifest at the image file itself.")
     if path.is_file() and path.stat().st_size == 0:
         raise _fail(spec, role, path, "is an empty file", "Export the image again.")
     if path.name.endswith((".nii", ".nii.gz")):
@@ -162,17 +173,33 @@ def _check_volume(spec: SubjectSpec, role: str, path: Path, size: tuple[int, ...
                     "Give a scalar (grey-value) image, not RGB or vector data.")
 
 
-def read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
+def _timed(fn: Any, spec: SubjectSpec, role: str, path: Path, timeout_s: float) -> Any:
+    """``fn(spec, role, path)`` within ``timeout_s``; a read that hangs fails the subject."""
+    try:
+        return call_with_timeout(fn, timeout_s, spec, role, path)
+    except TimeoutError as exc:
+        raise _fail(spec, role, path, f"gave no answer within {timeout_s:g} s (a hung network "
+                    "mount?)", "Check the file system it lives on, or raise --read-timeout."
+                    ) from exc
+
+
+def read_image(spec: SubjectSpec, role: str, path: Path,
+               timeout_s: float = READ_TIMEOUT_S) -> sitk.Image:
     """Read one 3D scalar image (file or DICOM series folder).
 
     Args:
         spec: the subject (for messages).
         role: ``CT`` or ``mask`` (for messages).
         path: the file or folder.
+        timeout_s: give up on a file that gives no answer for this long.
 
     Raises:
-        InputImageError: missing, empty, unreadable, not 3D or not scalar.
+        InputImageError: missing, empty, unreadable, not 3D or not scalar, or no answer in time.
     """
+    return _timed(_read_image, spec, role, path, timeout_s)
+
+
+def _read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     _check_file(spec, role, path, scan_values=True)
     try:
         image = _read_dicom_folder(spec, role, path) if path.is_dir() else sitk.ReadImage(str(path))
@@ -231,7 +258,7 @@ def match_mask_grid(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image, resampl
                          mask.GetPixelID())
 
 
-def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
+def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
     values = sitk.GetArrayFromImage(mask)
     if not np.issubdtype(values.dtype, np.integer) and (
             not np.all(np.isfinite(values)) or np.any(values != np.round(values))):
@@ -242,18 +269,22 @@ def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
                     "Give a label image: 0 background, 1 tibia, 2 femur.")
     labels = values.astype(np.uint8)
     unknown = sorted(set(np.unique(labels).tolist()) - set(KNOWN_LABELS))
+    warnings = []
     if unknown:
-        log.warning("Subject %s: mask %s holds labels %s besides 0/1/2; those voxels belong to no "
-                    "region (set to air in all three)", spec.subject_id, spec.mask, unknown)
-    return labels
+        warnings.append(f"mask {spec.mask} holds labels {unknown} besides 0/1/2; those voxels "
+                        "belong to no region (set to air in all three)")
+        log.warning("Subject %s: %s", spec.subject_id, warnings[-1])
+    return labels, warnings
 
 
-def load_scan(spec: SubjectSpec, config: ExtractionConfig) -> Scan:
+def load_scan(spec: SubjectSpec, config: ExtractionConfig,
+              read_timeout_s: float = READ_TIMEOUT_S) -> Scan:
     """Read, check and reorient one subject's CT and mask.
 
     Args:
         spec: the subject.
         config: uses ``resample_mask``.
+        read_timeout_s: give up on a file that gives no answer for this long.
 
     Returns:
         The scan in LPS, (z, y, x), left knees mirrored along x.
@@ -262,8 +293,9 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig) -> Scan:
         InputImageError, GeometryError: see ``read_image`` and ``match_mask_grid``; also NaN/inf in
             the CT and non-integer masks.
     """
-    ct = read_image(spec, "CT", spec.ct)
-    mask = match_mask_grid(spec, ct, read_image(spec, "mask", spec.mask), config.resample_mask)
+    ct = read_image(spec, "CT", spec.ct, read_timeout_s)
+    mask = match_mask_grid(spec, ct, read_image(spec, "mask", spec.mask, read_timeout_s),
+                           config.resample_mask)
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.GetDirection())
     ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
     mask = sitk.DICOMOrient(mask, "LPS")
@@ -272,21 +304,28 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig) -> Scan:
         bad = int(np.count_nonzero(~np.isfinite(ct_hu)))
         raise _fail(spec, "CT", spec.ct, f"holds {bad} NaN or infinite voxels",
                     "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
-    labels = _mask_labels(spec, mask)
+    labels, warnings = _mask_labels(spec, mask)
     if spec.side == "L":
         ct_hu = np.ascontiguousarray(ct_hu[:, :, ::-1])
         labels = np.ascontiguousarray(labels[:, :, ::-1])
     sx, sy, sz = ct.GetSpacing()
-    return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation)
+    return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation,
+                tuple(warnings))
 
 
-def read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
+def read_header(spec: SubjectSpec, role: str, path: Path,
+                timeout_s: float = READ_TIMEOUT_S) -> Header:
     """Read an image's header only (for a DICOM folder: the first file of its one series); no
     voxel data, so ``validate`` and the memory check stay cheap (NaN is found by the full read).
 
     Raises:
-        InputImageError: missing, empty, unreadable, not 3D, not scalar; truncated NIfTI.
+        InputImageError: missing, empty, unreadable, not 3D, not scalar; truncated NIfTI; no
+            answer within ``timeout_s``.
     """
+    return _timed(_read_header, spec, role, path, timeout_s)
+
+
+def _read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
     _check_file(spec, role, path, scan_values=False)
     reader = sitk.ImageFileReader()
     if path.is_dir():
@@ -310,18 +349,20 @@ def read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
                   sitk.GetPixelIDValueAsString(reader.GetPixelID()))
 
 
-def check_headers(spec: SubjectSpec, config: ExtractionConfig) -> Header:
+def check_headers(spec: SubjectSpec, config: ExtractionConfig,
+                  read_timeout_s: float = READ_TIMEOUT_S) -> tuple[Header, Header]:
     """Preflight of one subject from headers only: both files readable, 3D, on one grid.
 
     Returns:
-        The CT's header.
+        The CT's and the mask's headers.
 
     Raises:
         InputImageError, GeometryError: the first problem found.
     """
-    ct, mask = read_header(spec, "CT", spec.ct), read_header(spec, "mask", spec.mask)
+    ct = read_header(spec, "CT", spec.ct, read_timeout_s)
+    mask = read_header(spec, "mask", spec.mask, read_timeout_s)
     # A DICOM folder's header is its first slice: its origin is not the volume's, so only the
     # full read checks its grid.
     if not _same_grid(ct, mask) and not config.resample_mask and not spec.ct.is_dir():
         raise _mismatch(spec, ct, mask)
-    return ct
+    return ct, mask

@@ -24,18 +24,20 @@ FORWARD_BYTES_PER_VOXEL = 64
 
 
 def estimate_bytes(size_xyz: tuple[int, ...], spacing_xyz_mm: tuple[float, ...],
-                   config: ExtractionConfig) -> int:
+                   config: ExtractionConfig, mask_size_xyz: tuple[int, ...] | None = None) -> int:
     """Peak memory of one subject in one worker (an upper bound: crops are not known yet).
 
     Args:
-        size_xyz: image size from the header, SimpleITK order (x, y, z).
+        size_xyz: CT size from the header, SimpleITK order (x, y, z).
         spacing_xyz_mm: voxel size from the header, (x, y, z).
         config: spacing and padding settings.
+        mask_size_xyz: the mask's size from its header (a small compressed file may hold a huge
+            volume); default: the CT's.
 
     Returns:
         Bytes.
     """
-    native = math.prod(size_xyz)
+    native = max(math.prod(size_xyz), math.prod(mask_size_xyz or size_xyz))
     if config.spacing_mm is None:
         grid = native
     else:

@@ -202,6 +202,35 @@ def read_model_info(path: Path) -> ModelInfo:
     return info
 
 
+def _not_ours(path: Path, why: str) -> WeightsError:
+    return WeightsError(
+        f"Model file {path} is not a kneebatch {ARCHITECTURE} state dict ({why}). A torchvision "
+        "2D checkpoint must be inflated first: `kneebatch build-model --weights FILE --out "
+        "model3d_state_dict.pth`.")
+
+
+def check_model_file(path: Path) -> ModelInfo:
+    """Check a model file before any compute: sidecar, sha256, and the tensors it holds (names
+    and shapes of the 3D network's state dict; memory-mapped, nothing is loaded).
+
+    Raises:
+        WeightsError: the file is missing, changed, or not a kneebatch model.
+    """
+    info = read_model_info(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise _not_ours(path, str(exc)[:300]) from exc
+    expected = {k: tuple(v.shape) for k, v in _architecture().state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))[:3]
+        odd = sorted(k for k in found if expected.get(k) != found[k])[:3]
+        raise _not_ours(path, f"missing {missing or 'nothing'}, unexpected or reshaped "
+                              f"{odd or 'nothing'}")
+    return info
+
+
 def load_model(path: Path) -> LoadedModel:
     """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked)."""
     info = read_model_info(path)
@@ -210,11 +239,7 @@ def load_model(path: Path) -> LoadedModel:
         state = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as exc:  # torch raises many types for a bad checkpoint
-        raise WeightsError(
-            f"Model file {path} is not a kneebatch {ARCHITECTURE} state dict ({str(exc)[:300]}). "
-            "Rebuild it "
-            "with `kneebatch build-model`."
-        ) from exc
+        raise _not_ours(path, str(exc)[:300]) from exc
     for param in network.parameters():
         param.requires_grad_(False)
     make_lean(network)  # same weights and numbers, a fraction of the peak memory

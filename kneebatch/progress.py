@@ -8,7 +8,8 @@ from collections.abc import Callable
 from kneebatch.subject import SubjectOutcome
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``1h05m`` or ``3m07s``."""
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
@@ -27,18 +28,24 @@ class Progress:
     def __init__(self, total: int, write: Callable[[str], object], *, tty: bool,
                  every_n: int = 0, every_s: float = 300.0) -> None:
         self.total, self.write, self.tty = total, write, tty
-        self.every_n = every_n or max(1, total // 20)
+        self.every_n_asked = every_n
         self.every_s = every_s
+        self.start(total)
+
+    def start(self, total: int) -> None:
+        """Count from now, towards the ``total`` subjects this run computes (not the skipped)."""
+        self.total = total
+        self.every_n = self.every_n_asked or max(1, total // 20)
         self.ok = self.failed = 0
-        self.start = self.last_line = time.monotonic()
+        self.start_time = self.last_line = time.monotonic()
 
     def text(self) -> str:
         """``done/total, ok, failed, rate, ETA``."""
         done = self.ok + self.failed
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = max(time.monotonic() - self.start_time, 1e-9)
         rate = done / elapsed * 3600
         eta = (self.total - done) / (done / elapsed) if done else float("nan")
-        eta_text = _duration(eta) if done else "?"
+        eta_text = duration(eta) if done else "?"
         return (f"{done}/{self.total} done ({self.ok} ok, {self.failed} failed), "
                 f"{rate:.0f} knees/h, ETA {eta_text}")
 

@@ -119,7 +119,8 @@ FAILURE_COLUMNS = tuple(f.name for f in dataclasses.fields(FailureRecord))
 @dataclasses.dataclass(frozen=True)
 class RunRecord(_Record):
     """One run (or array shard): what it was asked, what it did; ``run.json`` is the latest one
-    plus what the Parquet holds (``parquet``)."""
+    plus what the Parquet holds (``parquet``). After the gather of a job array, ``counts`` add up
+    every shard's latest record and ``shards`` lists their run ids."""
 
     run_id: str
     started: str
@@ -131,7 +132,12 @@ class RunRecord(_Record):
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     model_built_with: dict[str, str] = dataclasses.field(default_factory=dict)
     manifest: str | None = None
+    manifest_sha256: str | None = None
+    command: list[str] = dataclasses.field(default_factory=list)
+    host: str = ""
+    slurm: dict[str, str] = dataclasses.field(default_factory=dict)
     shard: str | None = None
+    shards: list[str] = dataclasses.field(default_factory=list)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     wall_s: float = 0.0

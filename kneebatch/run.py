@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
+import os
+import platform
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -21,11 +26,18 @@ from kneebatch.claims import holder
 from kneebatch.cluster import Connection
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError
-from kneebatch.failures import clear_failure, save_failure, save_row_problems
+from kneebatch.failures import (
+    clear_failure,
+    current_failures,
+    save_failure,
+    save_row_problems,
+    write_failures_csv,
+)
 from kneebatch.gather import gather_run
+from kneebatch.io import READ_TIMEOUT_S
 from kneebatch.key import subject_key
 from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.model import read_model_info
+from kneebatch.model import check_model_file
 from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record
 from kneebatch.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.store import State, result_state
@@ -33,7 +45,7 @@ from kneebatch.subject import SubjectOutcome, process_subject
 
 log = logging.getLogger(__name__)
 
-RETRIES = 2  # a subject whose worker died is run again on another worker this many times
+FAILURES_EVERY_S = 10.0  # failures.csv is rewritten as failures come in, at most this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +98,8 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
 
 
 def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
-             threads: int, qc: bool, run_id: str, overwrite: bool) -> SubjectOutcome:
+             threads: int, qc: bool, run_id: str, overwrite: bool,
+             read_timeout_s: float) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
     from distributed import get_worker
 
@@ -95,7 +108,8 @@ def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out:
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit
     return process_subject(spec, config, model_path, out, run_id=run_id,
-                           memory_limit_bytes=limit or None, qc=qc, overwrite=overwrite)
+                           memory_limit_bytes=limit or None, qc=qc, overwrite=overwrite,
+                           read_timeout_s=read_timeout_s)
 
 
 def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
@@ -108,6 +122,22 @@ def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import distributed
+    import numpy
+    import SimpleITK
+
+    return {"kneebatch": __version__, "python": platform.python_version(),
+            "numpy": numpy.__version__, "SimpleITK": SimpleITK.Version.VersionString(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "distributed": distributed.__version__}
+
+
+def _slurm_ids() -> dict[str, str]:
+    names = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST")
+    return {n.removeprefix("SLURM_").lower(): os.environ[n] for n in names if n in os.environ}
 
 
 def run_cohort(
@@ -125,6 +155,8 @@ def run_cohort(
     manifest_problems: list[RowProblem] | None = None,
     qc: bool = False,
     part: str | None = None,
+    read_timeout_s: float = READ_TIMEOUT_S,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -147,6 +179,8 @@ def run_cohort(
         qc: write each subject's ``qc.png`` as it finishes.
         part: only the subjects of shard ``I/N``; the whole manifest is still recorded, so a
             gather after all shards takes every subject.
+        read_timeout_s: a file that gives no answer for this long fails its subject.
+        on_start: called with the number of subjects this run will compute (for progress).
 
     Returns:
         Counts and timing.
@@ -155,7 +189,7 @@ def run_cohort(
         WeightsError, ConfigError, OutputError: nothing could run (bad model, options, output,
             results of other settings in ``out``).
     """
-    from kneebatch.cluster import ClusterSpec, open_client
+    from kneebatch.cluster import ClusterSpec, open_client, subject_resources
 
     config = config or ExtractionConfig()
     out, model_path = Path(out), Path(model_path)
@@ -166,8 +200,10 @@ def run_cohort(
         manifest_path = Path(manifest)
         specs, found = parse_manifest(manifest_path)
         problems += found
+    if not specs and not problems:
+        raise ConfigError(f"Manifest {manifest_path} lists no subjects; add one row per knee.")
     mine = shard(specs, part)
-    info = read_model_info(model_path)
+    info = check_model_file(model_path)
     if info.weights.startswith("random"):
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
                     info.weights)
@@ -179,8 +215,9 @@ def run_cohort(
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     keys = {s.subject_id: subject_key(s, config_hash, info.sha256) for s in specs}
-    save_manifest(out, ManifestRecord(keys, str(manifest_path.resolve()) if manifest_path else None,
-                                      _sha256(manifest_path) if manifest_path else None))
+    manifest_record = ManifestRecord(keys, str(manifest_path.resolve()) if manifest_path else None,
+                                     _sha256(manifest_path) if manifest_path else None)
+    save_manifest(out, manifest_record)
     states = {s.subject_id: result_state(out, s.subject_id, keys[s.subject_id]) for s in mine}
     todo = [s for s in mine if overwrite or states[s.subject_id] is not State.FINISHED]
     changed = sum(states[s.subject_id] in (State.CHANGED, State.DAMAGED) for s in todo)
@@ -190,16 +227,32 @@ def run_cohort(
     if changed:
         log.info("redoing %d subject(s) whose inputs, settings or result files changed", changed)
     save_row_problems(out, problems, run_id)
+    write_failures_csv(out, current_failures(out, keys))
+    record = RunRecord(
+        run_id=run_id, started=started.isoformat(timespec="seconds"),
+        config_hash=config_hash, config=config.to_dict(), model_sha256=info.sha256,
+        weights=info.weights, versions=_versions(),
+        model_built_with={"torch": info.torch, "torchvision": info.torchvision,
+                          "kneebatch": info.kneebatch},
+        manifest=manifest_record.path, manifest_sha256=manifest_record.sha256,
+        command=list(sys.argv), host=socket.gethostname(), slurm=_slurm_ids(), shard=part)
+    save_run_record(out, record)  # a run in progress, for `kneebatch status`
+    if on_start:
+        on_start(len(todo))
     outcomes: list[SubjectOutcome] = []
     stopped = False
     if todo:
+        task = functools.partial(_run_one, config=config, model_path=model_path.resolve(),
+                                 out=out.resolve(), qc=qc, run_id=run_id, overwrite=overwrite,
+                                 read_timeout_s=read_timeout_s)
+
         def consume(connection: Connection) -> bool:
-            return _consume(connection, todo, config, model_path, out, run_id, qc, overwrite,
-                            outcomes, on_progress, stop)
+            return _consume(connection, todo, task, out, list(keys), outcomes, on_progress, stop)
 
         if client is not None:
             # A cluster we did not start: each of its task slots is one CPU unless told otherwise.
-            stopped = consume(Connection(client, getattr(cluster, "threads_per_worker", 0) or 1))
+            stopped = consume(Connection(client, getattr(cluster, "threads_per_worker", 0) or 1,
+                                         subject_resources(client)))
         else:
             with open_client(cluster or ClusterSpec()) as connection:
                 stopped = consume(connection)
@@ -207,16 +260,8 @@ def run_cohort(
     failed = sum(o.status == "failed" for o in outcomes)
     skipped = len(mine) - len(todo) + sum(o.status == "skipped" for o in outcomes)
     wall_s = time.perf_counter() - t0
-    record = RunRecord(
-        run_id=run_id, started=started.isoformat(timespec="seconds"),
-        ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        config_hash=config_hash, config=config.to_dict(), model_sha256=info.sha256,
-        weights=info.weights,
-        versions={"kneebatch": __version__, "torch": torch.__version__,
-                  "torchvision": torchvision.__version__},
-        model_built_with={"torch": info.torch, "torchvision": info.torchvision,
-                          "kneebatch": info.kneebatch},
-        manifest=str(manifest_path) if manifest_path else None, shard=part,
+    record = dataclasses.replace(
+        record, ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         counts={"total": len(mine) + len(problems), "ok": ok, "failed": failed + len(problems),
                 "skipped": skipped, "changed": changed},
         stage_seconds=_stage_totals(outcomes), wall_s=round(wall_s, 2), stopped=stopped)
@@ -229,79 +274,104 @@ def run_cohort(
                       wall_s, out, stopped, changed, pending, left_out)
 
 
-def _consume(connection: Connection, todo: list[SubjectSpec], config: ExtractionConfig,
-             model_path: Path, out: Path, run_id: str, qc: bool, overwrite: bool,
+def _slots(client: Any) -> int:
+    """Subjects the cluster can run at once: one per worker that offers the ``subject``
+    resource, else one per thread (at least 1, so an adaptive cluster gets its first job)."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return max(1, sum(int(w.get("resources", {}).get("subject", 0) or w.get("nthreads", 1))
+                      for w in workers))
+
+
+def _consume(connection: Connection, todo: list[SubjectSpec],
+             task: Callable[..., SubjectOutcome], out: Path, subjects: list[str],
              outcomes: list[SubjectOutcome], on_progress: Callable[[SubjectOutcome], None] | None,
              stop: threading.Event | None) -> bool:
-    """Submit the subjects, settle each as it finishes; True if ``stop`` cut the run short.
+    """Feed the subjects to the cluster, settle each as it finishes; True if ``stop`` cut the
+    run short.
 
-    A subject another process holds comes back ``claimed``; it is submitted again once that
-    claim is released, and then either found finished (skipped) or computed here.
+    No more subjects are in flight than the cluster has slots, so none waits in a busy worker's
+    queue: when a worker dies, only the subject it was running is blamed (and retried once).
+    A subject another process holds comes back ``claimed``; it is fed again once that claim is
+    released, and then either found finished (skipped) or computed here. ``failures.csv`` is
+    rewritten as failures come in (at most every ``FAILURES_EVERY_S``).
     """
     from distributed import as_completed
 
     client = connection.client
     by_key: dict[str, SubjectSpec] = {}
-    round_ = 0
-
-    def submit(specs: list[SubjectSpec]) -> list[Any]:
-        nonlocal round_
-        round_ += 1
-        futures = client.map(
-            _run_one, specs, config=config, model_path=model_path.resolve(), out=out.resolve(),
-            threads=connection.threads, qc=qc, run_id=run_id, overwrite=overwrite,
-            key=[f"kneebatch-{run_id}-{round_}-{s.subject_id}" for s in specs],
-            retries=RETRIES, pure=False, resources=connection.resources)
-        by_key.update({str(f.key): s for f, s in zip(futures, specs, strict=True)})
-        return futures
-
-    futures = submit(todo)
-    pending = as_completed(futures)
+    queue = list(todo)
     waiting: list[SubjectSpec] = []
-    last_check = 0.0
-    while not pending.is_empty() or waiting:
+    in_flight: list[Any] = []
+    pending = as_completed()
+    rounds = 0
+    run_id = task.keywords["run_id"]  # type: ignore[attr-defined]
+
+    def feed() -> None:
+        nonlocal rounds
+        free = _slots(client) - len(in_flight)
+        if free <= 0 or not queue:
+            return
+        batch, queue[:free] = queue[:free], []
+        rounds += 1
+        futures = client.map(
+            task, batch, threads=connection.threads,
+            key=[f"kneebatch-{run_id}-{rounds}-{s.subject_id}" for s in batch],
+            pure=False, resources=connection.resources)
+        by_key.update({str(f.key): s for f, s in zip(futures, batch, strict=True)})
+        in_flight.extend(futures)
+        pending.update(futures)
+
+    feed()
+    last_check = last_csv = 0.0
+    stale_csv = False
+    while in_flight or queue or waiting:
         if stop is not None and stop.is_set():
-            unfinished = [f for f in futures if not f.done()]
-            log.warning("stop requested: cancelling %d unfinished subject(s); rerun the same "
-                        "command to finish them", len(unfinished))
-            client.cancel(unfinished)
+            log.warning("stop requested: cancelling %d running subject(s), %d not started; "
+                        "rerun the same command to finish them", len(in_flight),
+                        len(queue) + len(waiting))
+            client.cancel(in_flight)
             return True
         batch = pending.next_batch(block=False)
         for future in batch:
+            in_flight.remove(future)
             spec = by_key[str(future.key)]
             try:
                 outcome = future.result()
-            except Exception as exc:  # the worker died RETRIES + 1 times, or dask failed
+            except Exception as exc:  # the worker died twice while running this subject
                 outcome = SubjectOutcome(spec.subject_id, "failed", (
-                    f"Subject {spec.subject_id}: its worker failed ({type(exc).__name__}: "
-                    f"{exc}). Often out of memory: give workers more memory or fewer "
-                    "threads, then rerun (finished subjects are kept)."), "worker")
+                    f"Subject {spec.subject_id}: its worker died while running it, twice "
+                    f"({type(exc).__name__}). Often out of memory: give workers more memory "
+                    "(--memory-per-worker, sbatch --mem) or fewer threads, then rerun (finished "
+                    "subjects are kept)."), "worker")
             if outcome.status == "claimed":
                 waiting.append(spec)
                 continue
-            _settle(out, spec, outcome, run_id)
+            stale_csv |= _settle(out, spec, outcome, run_id)
             outcomes.append(outcome)
             if on_progress:
                 on_progress(outcome)
-        if waiting and time.monotonic() - last_check > 1.0:
-            last_check = time.monotonic()
+        now = time.monotonic()
+        if stale_csv and now - last_csv > FAILURES_EVERY_S:
+            write_failures_csv(out, current_failures(out, subjects))
+            stale_csv, last_csv = False, now
+        if waiting and now - last_check > 1.0:
+            last_check = now
             free = [s for s in waiting if holder(out, s.subject_id) is None]
-            if free:
-                waiting = [s for s in waiting if s not in free]
-                again = submit(free)
-                futures += again
-                pending.update(again)
-            elif pending.is_empty():
+            waiting = [s for s in waiting if s not in free]
+            queue.extend(free)
+            if not free and not in_flight and not queue:
                 log.info("waiting for %d subject(s) another run is computing", len(waiting))
+        feed()
         if not batch:
-            time.sleep(0.2)
+            time.sleep(0.1)
     return False
 
 
-def _settle(out: Path, spec: SubjectSpec, outcome: SubjectOutcome, run_id: str) -> None:
+def _settle(out: Path, spec: SubjectSpec, outcome: SubjectOutcome, run_id: str) -> bool:
+    """Record a subject's outcome; True when ``failures.csv`` changed."""
     if outcome.status in ("finished", "skipped"):
-        clear_failure(out, spec.subject_id)
-        return
+        return clear_failure(out, spec.subject_id)
     save_failure(out, FailureRecord(
         spec.subject_id, outcome.error or "", outcome.stage or "", str(spec.ct), str(spec.mask),
         datetime.now(timezone.utc).isoformat(timespec="seconds"), run_id))
+    return True

@@ -10,14 +10,14 @@ log = logging.getLogger(__name__)
 
 
 def usable_cpus() -> int:
-    """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` if set, else its affinity mask."""
+    """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` if set, else what dask finds (the
+    smallest of the machine's CPUs, this process's affinity and its cgroup's CPU quota)."""
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if slurm.isdigit() and int(slurm) > 0:
         return int(slurm)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    from dask.system import cpu_count
+
+    return cpu_count()
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4

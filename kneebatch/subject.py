@@ -22,7 +22,7 @@ from kneebatch.claims import claim
 from kneebatch.config import REGIONS, ExtractionConfig
 from kneebatch.errors import KneebatchError, MemoryLimitError
 from kneebatch.features import extract_features
-from kneebatch.io import check_headers, load_scan
+from kneebatch.io import READ_TIMEOUT_S, check_headers, load_scan
 from kneebatch.key import subject_key
 from kneebatch.manifest import SubjectSpec
 from kneebatch.memory import estimate_bytes, gib
@@ -50,6 +50,7 @@ class SubjectResult:
         spacing_mm: voxel size fed to the network (z, y, x).
         side: the knee's side as given.
         qc_png: the QC picture, when asked for.
+        warnings: what the user should know about this subject's inputs.
     """
 
     subject_id: str
@@ -61,6 +62,7 @@ class SubjectResult:
     spacing_mm: tuple[float, float, float]
     side: str | None
     qc_png: bytes | None = None
+    warnings: tuple[str, ...] = ()
 
 
 Status = Literal["finished", "failed", "claimed", "skipped"]
@@ -88,7 +90,8 @@ class SubjectOutcome:
 
 
 def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedModel, *,
-                    stage: list[str] | None = None, qc: bool = False) -> SubjectResult:
+                    stage: list[str] | None = None, qc: bool = False,
+                    read_timeout_s: float = READ_TIMEOUT_S) -> SubjectResult:
     """Read, split, run and compare one knee, in memory.
 
     Args:
@@ -97,6 +100,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         model: the loaded 3D network.
         stage: if given, its last element is kept set to the running stage (for failure reports).
         qc: also render the QC picture of what the network is fed.
+        read_timeout_s: a file that gives no answer for this long fails the subject.
 
     Raises:
         KneebatchError: bad input (file, geometry, labels).
@@ -105,11 +109,12 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
     timings: dict[str, float] = {}
     track.append("read")
     start = time.perf_counter()
-    scan = load_scan(spec, config)
+    scan = load_scan(spec, config, read_timeout_s)
     timings["read"] = time.perf_counter() - start
     track.append("preprocess")
     start = time.perf_counter()
     regions = make_regions(scan, config)
+    warnings = scan.warnings
     del scan
     timings["preprocess"] = time.perf_counter() - start
     qc_png = None
@@ -143,6 +148,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         spacing_mm=regions.spacing_mm,
         side=spec.side,
         qc_png=qc_png,
+        warnings=warnings,
     )
 
 
@@ -169,30 +175,34 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         shapes={r: list(s) for r, s in result.shapes.items()},
         boxes={r: [list(b) for b in box] for r, box in result.boxes.items()},
         timings_s={k: round(v, 4) for k, v in result.timings_s.items()},
+        warnings=list(result.warnings),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int) -> None:
-    """Refuse a subject whose predicted peak memory exceeds ``limit_bytes`` (headers only).
+def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int,
+                 read_timeout_s: float = READ_TIMEOUT_S) -> None:
+    """Refuse a subject whose predicted peak memory exceeds ``limit_bytes`` (both headers only).
 
     Raises:
         MemoryLimitError: with both numbers and what to do.
         InputImageError: the headers cannot be read.
     """
-    header = check_headers(spec, config)
-    need = estimate_bytes(header.size, header.spacing, config)
+    ct, mask = check_headers(spec, config, read_timeout_s)
+    need = estimate_bytes(ct.size, ct.spacing, config, mask.size)
     if need > limit_bytes:
         raise MemoryLimitError(
-            f"Subject {spec.subject_id}: CT {spec.ct} ({'x'.join(map(str, header.size))} voxels) "
-            f"needs about {gib(need)} but a worker may use {gib(limit_bytes)}. Give workers more "
-            "memory (fewer --workers, or a larger --mem), or use the default 1 mm spacing and crop."
+            f"Subject {spec.subject_id}: CT {spec.ct} ({'x'.join(map(str, ct.size))} voxels) and "
+            f"mask {spec.mask} ({'x'.join(map(str, mask.size))}) need about {gib(need)} but a "
+            f"worker may use {gib(limit_bytes)}. Raise --memory-per-worker or the job's memory "
+            "(sbatch --mem), use fewer --workers, or keep the default 1 mm spacing and crop."
         )
 
 
 def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Path,
                     out: Path, *, run_id: str, memory_limit_bytes: int | None = None,
-                    qc: bool = False, overwrite: bool = False) -> SubjectOutcome:
+                    qc: bool = False, overwrite: bool = False,
+                    read_timeout_s: float = READ_TIMEOUT_S) -> SubjectOutcome:
     """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
 
     Holds the subject's claim throughout, so no other process computes or writes it meanwhile.
@@ -210,6 +220,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
             is larger.
         qc: also write ``qc.png``.
         overwrite: recompute even a finished result.
+        read_timeout_s: a file that gives no answer for this long fails the subject (``read``).
 
     Returns:
         The outcome; for ``failed``, the error message and the stage it happened in.
@@ -228,8 +239,9 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
             remove_result(out, spec.subject_id)
             if memory_limit_bytes:
                 stage.append("memory")
-                check_memory(spec, config, memory_limit_bytes)
-            result = compute_subject(spec, config, model, stage=stage, qc=qc)
+                check_memory(spec, config, memory_limit_bytes, read_timeout_s)
+            result = compute_subject(spec, config, model, stage=stage, qc=qc,
+                                     read_timeout_s=read_timeout_s)
             stage.append("write")
             done = _done_record(spec, result, config, model, key, run_id)
             extra = {QC: result.qc_png} if result.qc_png else {}

@@ -68,7 +68,7 @@ BAD = {
     "direction_mismatch": ("geometry", "not on the CT's voxel grid", "mask"),
     "nan_ct": ("read", "NaN or infinite voxels", "ct"),
     "inf_ct": ("read", "NaN or infinite voxels", "ct"),
-    "too_big": ("memory", "needs about", "ct"),
+    "too_big": ("memory", "need about", "ct"),
 }
 FIXES = {"read": ("Give", "Check", "Export", "Copy", "Move", "Fix", "Point"), "regions": ("Check",),
          "geometry": ("--resample-mask",), "memory": ("more memory",)}

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.claims import claim
 from kneebatch.cli import main
 from kneebatch.phantom import write_sample
 
@@ -48,16 +47,40 @@ def edit_manifest(manifest: Path, subject: str, **changes: str) -> None:
     df.to_csv(manifest, index=False)
 
 
-@pytest.fixture
-def cohort(tmp_path: Path) -> Path:
-    return write_sample(tmp_path / "cohort", 3, size="small")
+@pytest.fixture(scope="module")
+def shared_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small knees whose files no test changes (tests edit copies of the manifest)."""
+    return write_sample(tmp_path_factory.mktemp("cohort"), 3, size="small")
 
 
-@pytest.fixture
-def finished(cohort: Path, model_path: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    assert run(cohort, out, model_path) == 0
+@pytest.fixture(scope="module")
+def shared_finished(shared_cohort: Path, model_path: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert run(shared_cohort, out, model_path) == 0
     return out
+
+
+@pytest.fixture
+def cohort(shared_cohort: Path, tmp_path: Path) -> Path:
+    """A copy of the manifest beside the shared knees: relative paths, same inputs, same keys."""
+    manifest = shared_cohort.with_name(f"manifest-{tmp_path.name}.csv")
+    shutil.copy(shared_cohort, manifest)
+    return manifest
+
+
+@pytest.fixture
+def finished(shared_finished: Path, tmp_path: Path) -> Path:
+    """A copy of a finished OUT of ``cohort``'s subjects."""
+    out = tmp_path / "out"
+    shutil.copytree(shared_finished, out)
+    return out
+
+
+@pytest.fixture
+def own_cohort(tmp_path: Path) -> Path:
+    """Knees of this test alone (it changes their files)."""
+    return write_sample(tmp_path / "cohort", 3, size="small")
 
 
 def test_a_corrected_manifest_redoes_the_changed_subjects(
@@ -65,6 +88,9 @@ def test_a_corrected_manifest_redoes_the_changed_subjects(
     folder = cohort.parent
     shutil.copy(folder / "knee001_ct.nii.gz", folder / "other_ct.nii.gz")
     shutil.copy(folder / "knee001_mask.nii.gz", folder / "other_mask.nii.gz")
+    capsys.readouterr()
+    assert run(cohort, finished, model_path) == 0  # nothing changed yet: nothing redone
+    assert "0 finished, 0 failed, 3 skipped" in capsys.readouterr().out
     edit_manifest(cohort, "knee001", side="L")
     edit_manifest(cohort, "knee002", ct="other_ct.nii.gz", mask="other_mask.nii.gz")
     edit_manifest(cohort, "knee003", site="Z")
@@ -82,7 +108,10 @@ def test_a_corrected_manifest_redoes_the_changed_subjects(
     assert "0 finished, 0 failed, 3 skipped" in capsys.readouterr().out
 
 
-def test_overwrite_never_hides_a_new_failure(cohort: Path, finished: Path, model_path: Path) -> None:
+def test_overwrite_never_hides_a_new_failure(own_cohort: Path, model_path: Path,
+                                             tmp_path: Path) -> None:
+    cohort, finished = own_cohort, tmp_path / "own-out"
+    assert run(cohort, finished, model_path) == 0
     mask_path = cohort.parent / "knee002_mask.nii.gz"
     mask = sitk.ReadImage(str(mask_path))
     sitk.WriteImage(mask * 0, str(mask_path))  # the user's segmentation came back empty
@@ -129,17 +158,24 @@ def test_a_manifest_column_named_like_an_output_is_refused_before_compute(
         capsys: pytest.CaptureFixture[str]) -> None:
     df = pd.read_csv(cohort, dtype=str)
     df[column] = "x"
-    clashing = cohort.with_name("clash.csv")
-    df.to_csv(clashing, index=False)
+    df.to_csv(cohort, index=False)
     out = tmp_path / "clash-out"
-    assert run(clashing, out, model_path) == 2
+    assert run(cohort, out, model_path) == 2
     err = capsys.readouterr().err
     assert column in err and "reserved names" in err
     assert not out.exists() or not list(out.glob("subjects/*"))
-    renamed = df.rename(columns={column: f"my_{column}"})
-    renamed.to_csv(clashing, index=False)
-    assert run(clashing, out, model_path) == 0
-    assert set(sims(out)[f"my_{column}"]) == {"x"}
+
+
+def test_a_renamed_column_runs_without_overwrite(cohort: Path, model_path: Path,
+                                                 tmp_path: Path) -> None:
+    df = pd.read_csv(cohort, dtype=str)
+    df["layer"] = "x"
+    df.to_csv(cohort, index=False)
+    out = tmp_path / "clash-out"
+    assert run(cohort, out, model_path) == 2
+    df.rename(columns={"layer": "my_layer"}).to_csv(cohort, index=False)
+    assert run(cohort, out, model_path) == 0
+    assert set(sims(out)["my_layer"]) == {"x"}
 
 
 def test_a_damaged_subject_folder_fails_alone_and_is_recomputed(
@@ -182,10 +218,9 @@ def test_a_run_with_other_settings_is_refused_without_overwrite(
     assert set(sims(finished)["layer"]) == {"denseblock4"}
 
 
-def test_two_runs_at_once_compute_each_subject_once(cohort: Path, model_path: Path,
-                                                    tmp_path: Path) -> None:
-    reference = tmp_path / "reference"
-    assert run(cohort, reference, model_path) == 0
+def test_two_runs_at_once_compute_each_subject_once(cohort: Path, shared_finished: Path,
+                                                    model_path: Path, tmp_path: Path) -> None:
+    reference = shared_finished  # one run alone
     out = tmp_path / "shared"
     procs = [subprocess.Popen(command(cohort, out, model_path), stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
@@ -203,6 +238,8 @@ def test_two_runs_at_once_compute_each_subject_once(cohort: Path, model_path: Pa
 
 def test_a_run_waits_for_a_subject_another_process_holds(
         finished: Path, cohort: Path, model_path: Path) -> None:
+    from kneebatch.claims import claim
+
     folder = finished / "subjects" / "knee002"
     first = done(finished, "knee002")["run_id"]
     with claim(finished, "knee002", "someone-else") as held:

@@ -119,6 +119,7 @@ def test_array_and_gather_scripts(job_env: dict[str, str], cohort: Path, referen
     assert_same_results(reference, out, atol=ATOL)
     record = json.loads((out / "run.json").read_text())
     assert record["parquet"]["subjects"] == 4
+    assert record["counts"]["ok"] == 4 and len(record["shards"]) == 2  # over both shards
 
 
 def test_walltime_signal_stops_cleanly_and_a_resubmit_finishes(
@@ -163,6 +164,21 @@ def test_cluster_slurm_submits_worker_jobs(job_env: dict[str, str], cohort: Path
     assert done.returncode == 0, done.stderr[-3000:]
     assert list(tmp_path.glob("worker-*.log")), "no SLURM worker job ran"
     assert_same_results(reference, out, atol=ATOL)
+
+
+def test_cluster_slurm_with_a_job_sbatch_refuses_fails_fast(
+        job_env: dict[str, str], cohort: Path, model_path: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "kneebatch", "run", str(cohort), "--out",
+               str(tmp_path / "out"), "--model", str(model_path), "--cluster", "slurm",
+               "--slurm-partition", "no_such_partition", "--slurm-cores", "1",
+               "--threads-per-worker", "1"]
+    start = time.monotonic()
+    done = subprocess.run(command, env=job_env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    assert "sbatch refused the worker job" in done.stderr
+    assert "partition" in done.stderr.lower() and "Traceback" not in done.stderr
 
 
 def test_exported_environment_reaches_jobs(job_env: dict[str, str], tmp_path: Path) -> None:
