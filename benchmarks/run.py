@@ -29,7 +29,7 @@ def _flops(shapes: list[tuple[int, ...]], layers: tuple[str, ...]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kneebatch.model import _architecture
+    from kneebatch.network.model import _architecture
 
     net = copy.deepcopy(_architecture()).to("meta")
     children = list(net.named_children())
@@ -52,7 +52,7 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
     import torch
     from torchvision.models import densenet121
 
-    from kneebatch.inflate import collapse_input_channels, inflate
+    from kneebatch.network.inflate import collapse_input_channels, inflate
 
     start = time.perf_counter()
     net = densenet121(weights=None).features
@@ -93,7 +93,7 @@ def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]
     """kneebatch's per-knee path as a worker runs it: the model is already loaded."""
     from kneebatch.config import CropMode, ExtractionConfig
     from kneebatch.manifest import SubjectSpec
-    from kneebatch.model import get_model
+    from kneebatch.network.model import get_model
     from kneebatch.runtime import configure_compute, usable_cpus
     from kneebatch.subject import compute_subject
 
@@ -186,7 +186,7 @@ def _cohort(folder: Path, model: Path, knees: int) -> dict[str, float]:
     """Knees per hour with 1 and 2 one-thread workers on the same cohort; model loads per worker."""
     from distributed import Client, LocalCluster
 
-    from kneebatch.model import model_loads
+    from kneebatch.network.model import model_loads
     from kneebatch.phantom import write_sample
     from kneebatch.run import run_cohort
 
@@ -219,7 +219,7 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from kneebatch.model import build_model, save_model
+    from kneebatch.network.model import build_model, save_model
     from kneebatch.phantom import make_phantom
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,10 +18,10 @@ __all__ = ["ExtractionConfig", "build_model", "extract_subject", "read_results",
 if TYPE_CHECKING:
     from kneebatch.api import extract_subject, read_results
     from kneebatch.config import ExtractionConfig
-    from kneebatch.model import build_model
+    from kneebatch.network.model import build_model
     from kneebatch.run import run_cohort
 
-_HOMES = {"build_model": "kneebatch.model", "extract_subject": "kneebatch.api",
+_HOMES = {"build_model": "kneebatch.network.model", "extract_subject": "kneebatch.api",
           "read_results": "kneebatch.api", "run_cohort": "kneebatch.run",
           "ExtractionConfig": "kneebatch.config"}
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from kneebatch.config import ExtractionConfig
 from kneebatch.manifest import subject_spec
-from kneebatch.model import get_model
+from kneebatch.network.model import get_model
 from kneebatch.subject import SubjectResult, compute_subject
 
 

@@ -19,6 +19,7 @@ from kneebatch.errors import ConfigError, KneebatchError
 
 if TYPE_CHECKING:
     from kneebatch.cluster import ClusterSpec, SlurmOptions
+    from kneebatch.network.options import ForwardOptions
     from kneebatch.similarity import SimilarityRow
 
 log = logging.getLogger("kneebatch")
@@ -47,6 +48,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resample-mask", action="store_true",
                        help="put a mask on another grid onto the CT grid (nearest neighbour) "
                             "instead of failing the subject")
+    group.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                       help="forward pass in float32 (default) or bfloat16 (CPUs with "
+                            "AVX512-BF16/AMX; pooling and cosines stay float32)")
 
 
 def _add_read_timeout(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +64,19 @@ def _add_read_timeout(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> ExtractionConfig:
     layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
     return ExtractionConfig(spacing_mm=args.spacing, crop=CropMode(args.crop), layers=layers,
-                            resample_mask=args.resample_mask)
+                            resample_mask=args.resample_mask, precision=args.precision)
+
+
+def _add_plain_forward(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plain-forward", action="store_true",
+                        help="debugging: torchvision's own forward in the default memory format "
+                             "(no channels_last, stem slabs or lean blocks; same numbers, slower)")
+
+
+def _forward(args: argparse.Namespace) -> ForwardOptions:
+    from kneebatch.network.options import ForwardOptions
+
+    return ForwardOptions.plain() if args.plain_forward else ForwardOptions()
 
 
 def _model_path(args: argparse.Namespace) -> Path:
@@ -81,7 +97,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_model(args: argparse.Namespace) -> int:
-    from kneebatch.model import build_model, save_model
+    from kneebatch.network.model import build_model, save_model
 
     network, source = build_model(weights=args.weights, seed=args.seed)
     info = save_model(network, source, args.out)
@@ -103,7 +119,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from kneebatch.manifest import subject_spec
-    from kneebatch.model import get_model
+    from kneebatch.network.model import get_model
+    from kneebatch.network.options import compute_dtype
     from kneebatch.outdir import check_settings, claim_out
     from kneebatch.records import SettingsRecord
     from kneebatch.runtime import configure_compute, usable_cpus
@@ -113,6 +130,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     config = _config(args)
     spec = subject_spec(args.subject_id, args.ct, args.mask, args.side)
     configure_compute(args.threads or usable_cpus())
+    compute_dtype(config.precision)
     model_path = _model_path(args)
     model = get_model(model_path)  # a bad model file is a usage error (exit 2), not a subject's
     claim_out(args.out)
@@ -120,7 +138,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                                             config.to_dict()), overwrite=args.overwrite)
     run_id = f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     outcome = process_subject(spec, config, model_path, args.out, run_id=run_id,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, options=_forward(args))
     if outcome.status == "claimed":
         print(f"kneebatch: subject {spec.subject_id} is being computed by another process right "
               "now; try again when it has finished.", file=sys.stderr)
@@ -250,7 +268,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          cluster=_cluster_spec(args), overwrite=args.overwrite,
                          on_progress=progress, stop=stop, gather_results=not args.no_gather,
                          qc=args.qc, part=args.shard,
-                         read_timeout_s=args.read_timeout, on_start=progress.start)
+                         read_timeout_s=args.read_timeout, on_start=progress.start,
+                         forward=_forward(args))
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -386,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable)")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute a finished subject; replace results of other settings in OUT")
+    _add_plain_forward(p)
     _add_config_options(p)
     p.set_defaults(func=_cmd_extract)
 
@@ -426,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true",
                    help="serve dask's dashboard on localhost (a free port; the link is logged)")
     _add_read_timeout(p)
+    _add_plain_forward(p)
     _add_config_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=_cmd_run)

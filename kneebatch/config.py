@@ -21,6 +21,7 @@ LAYERS = (
     "norm5",
 )
 DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
+PRECISIONS = ("float32", "bf16")
 REGIONS = ("tibia", "femur", "background")
 PAIRS = (("tibia", "femur"), ("tibia", "background"), ("femur", "background"))
 LABELS = {"tibia": 1, "femur": 2}
@@ -67,6 +68,8 @@ class ExtractionConfig:
         layers: hooked layers, in network order.
         resample_mask: put the mask on the CT grid (nearest neighbour) instead of refusing a
             geometry mismatch.
+        precision: weights and activations of the forward pass, ``float32`` or ``bf16``
+            (bfloat16, on CPUs with native support; pooling and cosines stay float32).
     """
 
     spacing_mm: float | None = 1.0
@@ -81,6 +84,7 @@ class ExtractionConfig:
     min_size: int = 32
     layers: tuple[str, ...] = DEFAULT_LAYERS
     resample_mask: bool = False
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         from kneebatch.errors import ConfigError
@@ -96,6 +100,7 @@ class ExtractionConfig:
             raise ConfigError(f"Choose at least one layer from {', '.join(LAYERS)}.")
         for layer in self.layers:
             parse_choice(layer, LAYERS, "layer")
+        parse_choice(self.precision, PRECISIONS, "precision")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"Layers repeat: {', '.join(self.layers)}.")
         # Network order, so a given set of layers always hashes and stores the same way.

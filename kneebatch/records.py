@@ -67,6 +67,7 @@ class DoneRecord(_Record):
         files: name -> size and sha256 of each result file written before this record.
         side, ct, mask, extra: the subject's inputs as the manifest gave them.
         warnings: per-subject warnings (e.g. unknown mask labels).
+        forward: the ``ForwardOptions`` the forward pass ran with.
     """
 
     subject_id: str
@@ -87,6 +88,7 @@ class DoneRecord(_Record):
     boxes: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    forward: dict[str, bool] = dataclasses.field(default_factory=dict)
     finished_at: str = ""
 
     def file_entry(self, name: str) -> FileEntry | None:

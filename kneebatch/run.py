@@ -37,7 +37,8 @@ from kneebatch.gather import gather_run
 from kneebatch.io import READ_TIMEOUT_S
 from kneebatch.key import subject_key
 from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.model import check_model_file
+from kneebatch.network.model import check_model_file
+from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record
 from kneebatch.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.store import State, result_state
@@ -99,7 +100,7 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
 
 def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
              threads: int, qc: bool, run_id: str, overwrite: bool,
-             read_timeout_s: float) -> SubjectOutcome:
+             read_timeout_s: float, forward: ForwardOptions) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
     from distributed import get_worker
 
@@ -109,7 +110,7 @@ def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out:
     limit = get_worker().memory_manager.memory_limit
     return process_subject(spec, config, model_path, out, run_id=run_id,
                            memory_limit_bytes=limit or None, qc=qc, overwrite=overwrite,
-                           read_timeout_s=read_timeout_s)
+                           read_timeout_s=read_timeout_s, options=forward)
 
 
 def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
@@ -157,6 +158,7 @@ def run_cohort(
     part: str | None = None,
     read_timeout_s: float = READ_TIMEOUT_S,
     on_start: Callable[[int], None] | None = None,
+    forward: ForwardOptions = FAST,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -181,6 +183,7 @@ def run_cohort(
             gather after all shards takes every subject.
         read_timeout_s: a file that gives no answer for this long fails its subject.
         on_start: called with the number of subjects this run will compute (for progress).
+        forward: the forward pass's fast-path switches (``ForwardOptions.plain()`` to debug).
 
     Returns:
         Counts and timing.
@@ -203,6 +206,7 @@ def run_cohort(
     if not specs and not problems:
         raise ConfigError(f"Manifest {manifest_path} lists no subjects; add one row per knee.")
     mine = shard(specs, part)
+    compute_dtype(config.precision)  # a precision this CPU lacks: refused before anything runs
     info = check_model_file(model_path)
     if info.weights.startswith("random"):
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
@@ -244,7 +248,7 @@ def run_cohort(
     if todo:
         task = functools.partial(_run_one, config=config, model_path=model_path.resolve(),
                                  out=out.resolve(), qc=qc, run_id=run_id, overwrite=overwrite,
-                                 read_timeout_s=read_timeout_s)
+                                 read_timeout_s=read_timeout_s, forward=forward)
 
         def consume(connection: Connection) -> bool:
             return _consume(connection, todo, task, out, list(keys), outcomes, on_progress, stop)

@@ -21,12 +21,13 @@ from kneebatch import __version__
 from kneebatch.claims import claim
 from kneebatch.config import REGIONS, ExtractionConfig
 from kneebatch.errors import KneebatchError, MemoryLimitError
-from kneebatch.features import extract_features
 from kneebatch.io import READ_TIMEOUT_S, check_headers, load_scan
 from kneebatch.key import subject_key
 from kneebatch.manifest import SubjectSpec
 from kneebatch.memory import estimate_bytes, gib
-from kneebatch.model import LoadedModel, get_model
+from kneebatch.network.features import extract_features
+from kneebatch.network.model import LoadedModel, get_model
+from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.records import DoneRecord
 from kneebatch.regions import make_regions
 from kneebatch.runtime import release_memory
@@ -91,7 +92,8 @@ class SubjectOutcome:
 
 def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedModel, *,
                     stage: list[str] | None = None, qc: bool = False,
-                    read_timeout_s: float = READ_TIMEOUT_S) -> SubjectResult:
+                    read_timeout_s: float = READ_TIMEOUT_S,
+                    options: ForwardOptions = FAST) -> SubjectResult:
     """Read, split, run and compare one knee, in memory.
 
     Args:
@@ -101,11 +103,13 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         stage: if given, its last element is kept set to the running stage (for failure reports).
         qc: also render the QC picture of what the network is fed.
         read_timeout_s: a file that gives no answer for this long fails the subject.
+        options: the forward pass's fast-path switches.
 
     Raises:
-        KneebatchError: bad input (file, geometry, labels).
+        KneebatchError: bad input (file, geometry, labels), or a precision this CPU lacks.
     """
     track = stage if stage is not None else []
+    dtype = compute_dtype(config.precision)
     timings: dict[str, float] = {}
     track.append("read")
     start = time.perf_counter()
@@ -132,7 +136,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         volume = regions.volume(region)  # one region volume at a time: peak memory
         shapes[region] = tuple(volume.shape)
         vectors[region], timings[f"forward.{region}"] = extract_features(
-            model.network, volume, config.layers)
+            model.network, volume, config.layers, options, dtype=dtype)
         del volume
         log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
                   timings[f"forward.{region}"])
@@ -202,7 +206,8 @@ def check_memory(spec: SubjectSpec, config: ExtractionConfig, limit_bytes: int,
 def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Path,
                     out: Path, *, run_id: str, memory_limit_bytes: int | None = None,
                     qc: bool = False, overwrite: bool = False,
-                    read_timeout_s: float = READ_TIMEOUT_S) -> SubjectOutcome:
+                    read_timeout_s: float = READ_TIMEOUT_S,
+                    options: ForwardOptions = FAST) -> SubjectOutcome:
     """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
 
     Holds the subject's claim throughout, so no other process computes or writes it meanwhile.
@@ -221,6 +226,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
         qc: also write ``qc.png``.
         overwrite: recompute even a finished result.
         read_timeout_s: a file that gives no answer for this long fails the subject (``read``).
+        options: the forward pass's fast-path switches (recorded in ``done.json``).
 
     Returns:
         The outcome; for ``failed``, the error message and the stage it happened in.
@@ -241,9 +247,10 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
                 stage.append("memory")
                 check_memory(spec, config, memory_limit_bytes, read_timeout_s)
             result = compute_subject(spec, config, model, stage=stage, qc=qc,
-                                     read_timeout_s=read_timeout_s)
+                                     read_timeout_s=read_timeout_s, options=options)
             stage.append("write")
-            done = _done_record(spec, result, config, model, key, run_id)
+            done = dataclasses.replace(_done_record(spec, result, config, model, key, run_id),
+                                       forward=options.to_dict())
             extra = {QC: result.qc_png} if result.qc_png else {}
             timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done,
                                     start, extra)

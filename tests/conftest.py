@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.model import build_model, save_model
+from kneebatch.network.model import build_model, save_model
 from kneebatch.phantom import make_phantom
 
 SMALL_SHAPE = (40, 64, 64)  # (z, y, x)

@@ -13,7 +13,7 @@ import pytest
 from kneebatch.cli import main
 from kneebatch.config import ExtractionConfig
 from kneebatch.manifest import SubjectSpec
-from kneebatch.model import get_model
+from kneebatch.network.model import get_model
 from kneebatch.store import read_features, read_similarities
 from kneebatch.subject import compute_subject
 

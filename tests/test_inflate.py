@@ -11,8 +11,9 @@ from torch import nn
 from torchvision.models import densenet121
 
 from kneebatch.config import LAYERS
-from kneebatch.features import extract_features
-from kneebatch.inflate import collapse_input_channels, inflate
+from kneebatch.network.features import extract_features
+from kneebatch.network.inflate import collapse_input_channels, inflate
+from kneebatch.network.options import ForwardOptions
 
 # Largest |3D - 2D| allowed, relative to the largest |activation| of the layer (float32 rounding
 # over ~120 layers; seen: about 1e-6).
@@ -141,7 +142,7 @@ def test_channels_last_gives_the_same_vectors() -> None:
     net3d = _inflated(_random_2d(9))
     volume = np.random.default_rng(1).normal(size=(36, 40, 44)).astype(np.float32)
     layers = ("denseblock2", "norm5")
-    fast, _ = extract_features(net3d, volume, layers, channels_last=True)
-    plain, _ = extract_features(net3d, volume, layers, channels_last=False)
+    fast, _ = extract_features(net3d, volume, layers, ForwardOptions(channels_last=True))
+    plain, _ = extract_features(net3d, volume, layers, ForwardOptions(channels_last=False))
     for layer in layers:
         np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 from torchvision.models import densenet121
 
 from kneebatch.errors import WeightsError
-from kneebatch.model import build_model, get_model, load_model, model_loads, save_model
+from kneebatch.network.model import build_model, get_model, load_model, model_loads, save_model
 
 
 def test_saved_model_loads_back_identically(tmp_path: Path) -> None:

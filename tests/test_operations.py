@@ -323,7 +323,7 @@ def test_a_model_file_that_is_not_ours_is_refused_before_compute(
 
     import torch
 
-    from kneebatch.model import _sha256, sidecar_path
+    from kneebatch.network.model import _sha256, sidecar_path
 
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, other)

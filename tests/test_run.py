@@ -171,7 +171,7 @@ def test_same_vectors_with_one_worker_and_any_order(first_run: Path, cohort: Pat
 def test_each_worker_loads_the_model_once(cohort: Path, model_path: Path, tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
-    from kneebatch.model import model_loads
+    from kneebatch.network.model import model_loads
     from kneebatch.run import run_cohort
 
     specs = [s for s in read_manifest(cohort) if s.subject_id != "broken"] * 1

@@ -1,18 +1,27 @@
-"""The optimised paths give the unoptimised numbers (within 1e-5)."""
+"""The fast path (``ForwardOptions``) gives the plain path's numbers (within 1e-5), and it runs:
+lean code counted, slabs forced, layouts of multi-channel activations checked. Each test builds
+its own network, so no test sees another's state."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
-from kneebatch import features as features_module
-from kneebatch.features import extract_features
-from kneebatch.model import build_model
-from kneebatch.stem import STEM, stem_in_slabs
+from kneebatch.network import features as features_module
+from kneebatch.network import lean
+from kneebatch.network.features import extract_features
+from kneebatch.network.model import build_model
+from kneebatch.network.options import ForwardOptions
+from kneebatch.network.stem import STEM, stem_in_slabs
+
+CL = torch.channels_last_3d
+LAYERS = ("denseblock2", "denseblock3", "denseblock4")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def network() -> torch.nn.Sequential:
     net, _ = build_model(weights="random", seed=11)
     for m in net.modules():  # non-trivial BatchNorm so the stem's norm0 matters
@@ -20,7 +29,27 @@ def network() -> torch.nn.Sequential:
             with torch.no_grad():
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.5, 2.0)
-    return net
+    return lean.make_lean(net.eval())
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Really channels_last: a multi-channel tensor that is not also contiguous."""
+    return t.shape[1] > 1 and t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+@pytest.fixture
+def lean_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the lean forwards that ran."""
+    calls = {"block": 0, "transition": 0}
+    for cls, name in ((lean.LeanDenseBlock, "block"), (lean.LeanTransition, "transition")):
+        original = cls.lean
+
+        def counted(self: torch.nn.Module, x: torch.Tensor, _o=original, _n=name) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            calls[_n] += 1
+            return _o(self, x)
+
+        monkeypatch.setattr(cls, "lean", counted)
+    return calls
 
 
 @pytest.mark.parametrize("depth", [9, 16, 37], ids=["d9", "d16", "d37"])
@@ -29,51 +58,76 @@ def network() -> torch.nn.Sequential:
 def test_stem_in_slabs_equals_the_stem(network: torch.nn.Sequential, depth: int, budget: int,
                                        channels_last: bool) -> None:
     x = torch.randn(1, 1, depth, 30, 34, generator=torch.Generator().manual_seed(depth))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    fmt = CL if channels_last else torch.contiguous_format
     with torch.inference_mode():
         expected = x
         for name in STEM:
             expected = network.get_submodule(name)(expected)
-        got = stem_in_slabs(network, x, budget_bytes=budget)
+        got = stem_in_slabs(network, x, budget_bytes=budget, memory_format=fmt)
     assert got.shape == expected.shape
+    assert _channels_last(got) == channels_last  # 64 channels: the layout asked for
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_every_optimisation_off_gives_the_same_vectors(network: torch.nn.Sequential,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(features_module, "SLAB_FROM_VOXELS", 0)  # slab even this small volume
-    volume = np.random.default_rng(2).normal(size=(45, 52, 48)).astype(np.float32)
-    layers = ("denseblock2", "denseblock3", "denseblock4")
-    from kneebatch.lean import make_lean
+def _activations(network: torch.nn.Module, names: tuple[str, ...]) -> tuple[dict[str, bool], list]:  # type: ignore[type-arg]
+    seen: dict[str, bool] = {}
+    handles = [network.get_submodule(n).register_forward_hook(
+        lambda _m, _i, out, n=n: seen.__setitem__(n, _channels_last(out))) for n in names]
+    return seen, handles
 
-    make_lean(network)
-    fast, _ = extract_features(network, volume, layers, channels_last=True, stem_slabs=True,
-                               lean_blocks=True)
-    plain, _ = extract_features(network, volume, layers, channels_last=False, stem_slabs=False,
-                                lean_blocks=False)
-    for layer in layers:
+
+@pytest.mark.parametrize("slab_bytes", [4096, 10**9], ids=["many-slabs", "one-slab"])
+def test_the_fast_path_runs_and_gives_the_plain_numbers(
+        network: torch.nn.Sequential, monkeypatch: pytest.MonkeyPatch,
+        lean_calls: dict[str, int], slab_bytes: int) -> None:
+    monkeypatch.setattr(features_module, "SLAB_FROM_VOXELS", 0)  # slab even this small volume
+    monkeypatch.setattr(lean, "SLAB_BYTES", slab_bytes)
+    volume = np.random.default_rng(2).normal(size=(45, 52, 48)).astype(np.float32)
+    fast_net = features_module.network_in(network, CL)
+    seen, handles = _activations(fast_net, ("denseblock1", "transition1", "denseblock3"))
+    fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
+    for h in handles:
+        h.remove()
+    assert seen == {"denseblock1": True, "transition1": True, "denseblock3": True}
+    assert lean_calls == {"block": 4, "transition": 3}  # denseblock1-4, transition1-3
+    plain_net = features_module.network_in(network, torch.contiguous_format)
+    seen, handles = _activations(plain_net, ("denseblock1", "transition1"))
+    plain, _ = extract_features(network, volume, LAYERS, ForwardOptions.plain())
+    for h in handles:
+        h.remove()
+    assert seen == {"denseblock1": False, "transition1": False}
+    assert lean_calls == {"block": 4, "transition": 3}  # the plain path ran no lean code
+    for layer in LAYERS:
         np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
+
+
+def test_the_cached_model_is_never_changed_by_a_forward(network: torch.nn.Sequential) -> None:
+    network = network.to(memory_format=CL)
+    before = {k: (v.clone(), v.stride()) for k, v in network.state_dict().items()}
+    volume = np.random.default_rng(3).normal(size=(34, 36, 38)).astype(np.float32)
+    extract_features(network, volume, ("denseblock2",), ForwardOptions.plain())
+    extract_features(network, volume, ("denseblock2",), ForwardOptions(channels_last=False))
+    after = network.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].stride() == s for k, (v, s) in before.items())
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
 @pytest.mark.parametrize("slab_bytes", [1, 10**9], ids=["1-row-slabs", "one-slab"])
 def test_lean_dense_blocks_equal_torchvision_blocks(network: torch.nn.Sequential,
                                                     monkeypatch: pytest.MonkeyPatch,
+                                                    lean_calls: dict[str, int],
                                                     channels_last: bool, slab_bytes: int) -> None:
-    import copy
-
-    from kneebatch import lean
-
     monkeypatch.setattr(lean, "SLAB_BYTES", slab_bytes)
-    plain = copy.deepcopy(network)
-    lean_net = lean.make_lean(copy.deepcopy(network))
-    assert isinstance(lean_net.denseblock1, lean.LeanDenseBlock)
-    assert isinstance(lean_net.transition1, lean.LeanTransition)
-    assert lean_net.state_dict().keys() == plain.state_dict().keys()
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert isinstance(network.denseblock1, lean.LeanDenseBlock)
+    assert isinstance(network.transition1, lean.LeanTransition)
+    fmt = CL if channels_last else torch.contiguous_format
+    net = copy.deepcopy(network).to(memory_format=fmt)
     x = torch.randn(1, 1, 72, 44, 36, generator=torch.Generator().manual_seed(5))
-    x = x.contiguous(memory_format=fmt)
     with torch.inference_mode():
-        a, b = plain.to(memory_format=fmt)(x), lean_net.to(memory_format=fmt)(x)
+        with lean.lean_forward(False):
+            a = net(x)
+        assert lean_calls == {"block": 0, "transition": 0}
+        with lean.lean_forward(True):
+            b = net(x)
+    assert lean_calls == {"block": 4, "transition": 3}
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -10,12 +10,36 @@ tensor. Same modules, same state dict, same forward hooks, same numbers (to floa
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.densenet import _DenseBlock, _Transition
 
 SLAB_BYTES = 64 * 1024**2
+# Whether the lean forward runs, for the forward pass in progress in this thread (a context
+# variable, not a flag on the shared cached model: concurrent forwards do not see each other's).
+_LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("kneebatch_lean", default=True)
+# The layout lean outputs are written in. Not the input's: torch's avg_pool3d returns a contiguous
+# tensor for a channels_last_3d input, and small 1x1x1 convolutions do the same.
+_LAYOUT: contextvars.ContextVar[torch.memory_format] = contextvars.ContextVar(
+    "kneebatch_layout", default=torch.channels_last_3d)
+
+
+@contextlib.contextmanager
+def lean_forward(on: bool, memory_format: torch.memory_format = torch.channels_last_3d
+                 ) -> Iterator[None]:
+    """Run the lean (``on``) or torchvision's own forward of the blocks inside the block; lean
+    outputs in ``memory_format``."""
+    tokens = _LEAN.set(on), _LAYOUT.set(memory_format)
+    try:
+        yield
+    finally:
+        _LEAN.reset(tokens[0])
+        _LAYOUT.reset(tokens[1])
 
 
 def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,23 +64,23 @@ def _slabs(depth: int, row_bytes: int) -> list[tuple[int, int]]:
 class LeanDenseBlock(_DenseBlock):
     """A ``_DenseBlock`` (same children and weights) with a memory-lean forward in eval mode."""
 
-    lean = True
-
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.lean:
+        if self.training or not _LEAN.get():
             return super().forward(init_features)
+        return self.lean(init_features)
+
+    def lean(self, init_features: torch.Tensor) -> torch.Tensor:
+        """The block's output, written into one buffer (see the module docstring)."""
         layers = list(self.values())
         n, c0, depth, height, width = init_features.shape
         growth = layers[0].conv2.out_channels
         total = c0 + growth * len(layers)
-        fmt = (torch.channels_last_3d
-               if init_features.is_contiguous(memory_format=torch.channels_last_3d)
-               else torch.contiguous_format)
+        fmt = _LAYOUT.get()
         buffer = torch.empty((n, total, depth, height, width), dtype=init_features.dtype,
                              memory_format=fmt)
         buffer[:, :c0] = init_features
         channels = c0
-        row_bytes = 4 * n * height * width
+        row_bytes = init_features.element_size() * n * height * width
         width1 = layers[0].conv1.out_channels
         bottleneck = torch.empty((n, width1, depth, height, width), dtype=buffer.dtype,
                                  memory_format=fmt)  # reused by every layer
@@ -75,24 +99,25 @@ class LeanTransition(_Transition):
     """A ``_Transition`` (norm, relu, 1x1x1 conv, 2x2x2 average pool) run in depth slabs of an
     even number of rows, so the pool windows never straddle two slabs."""
 
-    lean = True
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        n, channels, depth, height, width = input.shape
-        usable = depth - depth % 2  # the 2x2x2 pool drops an odd last row
-        if self.training or not self.lean or usable == 0:
+        usable = input.shape[2] - input.shape[2] % 2  # the 2x2x2 pool drops an odd last row
+        if self.training or not _LEAN.get() or usable == 0:
             return super().forward(input)
-        rows = max(2, SLAB_BYTES // max(1, 4 * n * height * width * 2 * channels) // 2 * 2)
+        return self.lean(input)
+
+    def lean(self, input: torch.Tensor) -> torch.Tensor:
+        """The transition's output, computed in depth slabs."""
+        n, channels, depth, height, width = input.shape
+        usable = depth - depth % 2
+        rows = max(2, SLAB_BYTES // max(1, input.element_size() * n * height * width * 2
+                                        * channels) // 2 * 2)
         out: torch.Tensor | None = None
         for d0 in range(0, usable, rows):
             d1 = min(usable, d0 + rows)
             part = self.pool(self.conv(self.relu(self.norm(input[:, :, d0:d1]))))
             if out is None:
-                fmt = (torch.channels_last_3d
-                       if part.is_contiguous(memory_format=torch.channels_last_3d)
-                       else torch.contiguous_format)
                 out = torch.empty((n, part.shape[1], usable // 2, *part.shape[3:]),
-                                  dtype=part.dtype, memory_format=fmt)
+                                  dtype=part.dtype, memory_format=_LAYOUT.get())
             out[:, :, d0 // 2:d1 // 2] = part
         assert out is not None
         return out

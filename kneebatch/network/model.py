@@ -24,8 +24,8 @@ from torchvision.models import DenseNet121_Weights, densenet121
 
 from kneebatch import __version__
 from kneebatch.errors import WeightsError
-from kneebatch.inflate import collapse_input_channels, inflate
-from kneebatch.lean import make_lean
+from kneebatch.network.inflate import collapse_input_channels, inflate
+from kneebatch.network.lean import make_lean
 
 ARCHITECTURE = "densenet121-inflated-3d-1ch"
 # Old torchvision checkpoints name DenseNet's layers "norm.1"; torchvision renames them on load, and
@@ -243,7 +243,33 @@ def load_model(path: Path) -> LoadedModel:
     for param in network.parameters():
         param.requires_grad_(False)
     make_lean(network)  # same weights and numbers, a fraction of the peak memory
-    return LoadedModel(network=network.eval(), info=info)
+    network = network.eval().to(memory_format=torch.channels_last_3d)  # the fast path's layout
+    check_lean(network, path)
+    return LoadedModel(network=network, info=info)
+
+
+def check_lean(network: nn.Module, path: Path) -> None:
+    """The lean blocks must give torchvision's numbers: checked on a small input at every load,
+    since they build on torchvision's private ``_DenseBlock`` and ``_Transition``.
+
+    Raises:
+        WeightsError: they differ (a torchvision this version does not know?).
+    """
+    from kneebatch.network.lean import lean_forward
+
+    x = torch.linspace(0, 1, 32**3).reshape(1, 1, 32, 32, 32)
+    outputs = []
+    with torch.inference_mode():
+        for on in (True, False):
+            with lean_forward(on):
+                outputs.append(network(x.contiguous(memory_format=torch.channels_last_3d)))
+    error = float((outputs[0] - outputs[1]).abs().max())
+    scale = float(outputs[1].abs().max()) or 1.0
+    if not error <= 1e-4 * scale:
+        raise WeightsError(
+            f"Model {path}: the lean forward differs from torchvision's by {error:.3g} (of "
+            f"{scale:.3g}) with torchvision {torchvision.__version__}. Run with --plain-forward "
+            "and report this.")
 
 
 _loads = 0

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kneebatch.lean import fold_batchnorm
+from kneebatch.network.lean import fold_batchnorm
 
 STEM = ("conv0", "norm0", "relu0", "pool0")
 
@@ -27,14 +27,16 @@ def _rest(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[1]), int(value[2]))
 
 
-def stem_in_slabs(features: nn.Sequential, x: torch.Tensor,
-                  budget_bytes: int = 256 * 1024**2) -> torch.Tensor:
+def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 256 * 1024**2, *,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """``pool0(relu0(norm0(conv0(x))))``, computed slab by slab along depth.
 
     Args:
         features: the inflated DenseNet ``features`` (zero-padded conv0, max-pool pool0).
         x: input (N, 1, D, H, W).
         budget_bytes: about how much memory one slab's conv activations may take.
+        memory_format: the layout of the returned (64-channel) tensor. The input's own layout
+            cannot tell: with one channel both layouts are the same.
 
     Returns:
         The stem's output, as the unsliced modules would give it.
@@ -49,11 +51,9 @@ def stem_in_slabs(features: nn.Sequential, x: torch.Tensor,
     depth = x.shape[2]
     conv_depth = (depth + 2 * pc - kc) // sc + 1
     out_depth = (conv_depth + 2 * pp - kp) // sp + 1
-    row_bytes = 2 * conv.out_channels * x.shape[0] * 4 * (
+    row_bytes = 2 * conv.out_channels * x.shape[0] * x.element_size() * (
         (x.shape[3] + 1) // 2) * ((x.shape[4] + 1) // 2)
     slab = max(1, (budget_bytes // max(1, row_bytes) - kp) // sp)
-    fmt = (torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d)
-           and not x.is_contiguous() else torch.contiguous_format)
     out: torch.Tensor | None = None
     for j0 in range(0, out_depth, slab):
         j1 = min(out_depth, j0 + slab)
@@ -73,7 +73,7 @@ def stem_in_slabs(features: nn.Sequential, x: torch.Tensor,
                          pool.dilation)
         if out is None:
             out = torch.empty((*z.shape[:2], out_depth, *z.shape[3:]), dtype=z.dtype,
-                              memory_format=fmt)
+                              memory_format=memory_format)
         out[:, :, j0:j1] = z
     assert out is not None
     return out

@@ -1,0 +1,92 @@
+"""Features stage: one region through the network with ``ForwardOptions``, forward hooks on the
+chosen layers, 3D global average pooling of each."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+
+from kneebatch.network.lean import lean_forward
+from kneebatch.network.options import FAST, ForwardOptions
+from kneebatch.network.stem import STEM, stem_in_slabs
+
+SLAB_FROM_VOXELS = 8 * 1024**2  # below this the stem's activations are small anyway
+
+_copies: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.memory_format, torch.dtype],
+                                                    nn.Module]] = weakref.WeakKeyDictionary()
+_copies_lock = threading.Lock()
+
+
+def network_in(network: nn.Module, memory_format: torch.memory_format,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``network`` with its weights in ``memory_format`` and ``dtype``: the network itself when it
+    already is, else a copy made once and kept beside it (the cached model is never changed)."""
+    first_conv = next(m for m in network.modules() if isinstance(m, nn.Conv3d)
+                      and m.in_channels > 1 and m.kernel_size != (1, 1, 1))
+    if (first_conv.weight.is_contiguous(memory_format=memory_format)
+            and first_conv.weight.dtype == dtype):
+        return network
+    with _copies_lock:
+        copies = _copies.setdefault(network, {})
+        if (memory_format, dtype) not in copies:
+            copies[(memory_format, dtype)] = copy.deepcopy(network).to(dtype).to(
+                memory_format=memory_format)
+        return copies[(memory_format, dtype)]
+
+
+def extract_features(
+    network: nn.Sequential,
+    volume: np.ndarray,
+    layers: tuple[str, ...],
+    options: ForwardOptions = FAST,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Run one region through the network and pool the hooked layers.
+
+    Args:
+        network: the inflated ``densenet121().features`` (eval mode).
+        volume: normalised region, float32, (z, y, x).
+        layers: names of ``network``'s children to hook, e.g. ``("denseblock2",)``.
+        options: the fast path's switches (all agree with the plain path to float32 rounding).
+        dtype: weights and activations (``torch.bfloat16`` for ``--precision bf16``); pooling
+            is done in float32 either way.
+
+    Returns:
+        layer -> float32 vector (the layer's channels averaged over depth, height and width), and the
+        forward time in seconds.
+    """
+    fmt = torch.channels_last_3d if options.channels_last else torch.contiguous_format
+    net = network_in(network, fmt, dtype)
+    pooled: dict[str, torch.Tensor] = {}
+    children = dict(net.named_children())
+    handles = [
+        children[name].register_forward_hook(
+            lambda _m, _i, out, name=name: pooled.__setitem__(
+                name, out.mean(dim=(2, 3, 4), dtype=torch.float32)))
+        for name in layers
+    ]
+    deepest = max(list(children).index(name) for name in layers)
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(dtype)
+    modules = list(children.items())[: deepest + 1]
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), lean_forward(options.lean_blocks, fmt):
+            if options.stem_slabs and x.numel() >= SLAB_FROM_VOXELS:
+                x = stem_in_slabs(net, x, memory_format=fmt)
+                modules = [(n, m) for n, m in modules if n not in STEM]
+            for _, module in modules:
+                # Keep every activation in the asked layout: after the one-channel input, and
+                # after layers torch returns contiguous for a channels_last input (avg pooling).
+                x = module(x).contiguous(memory_format=fmt)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seconds = time.perf_counter() - start
+    return {name: pooled[name][0].numpy().copy() for name in layers}, seconds

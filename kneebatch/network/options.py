@@ -1,0 +1,67 @@
+"""How a forward pass runs: one frozen value, passed to every forward, recorded in ``done.json``.
+
+None of these options changes the numbers beyond float32 rounding (tests hold the fast path to the
+plain one within 1e-5); they change speed and peak memory. ``--plain-forward`` switches them all off
+for debugging. Precision (``--precision``) does change the numbers, so it is an extraction setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from kneebatch.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    """Switches of the fast path.
+
+    Attributes:
+        channels_last: weights and activations in ``channels_last_3d`` (oneDNN's fast layout; a
+            1x1x1 convolution of 256 -> 128 channels runs about 3x faster here).
+        stem_slabs: DenseNet's stem in depth slabs for large inputs (``stem.py``).
+        lean_blocks: dense blocks and transitions with the memory-lean forward (``lean.py``).
+    """
+
+    channels_last: bool = True
+    stem_slabs: bool = True
+    lean_blocks: bool = True
+
+    @classmethod
+    def plain(cls) -> ForwardOptions:
+        """torchvision's own forward, default memory format: the reference for the fast path."""
+        return cls(channels_last=False, stem_slabs=False, lean_blocks=False)
+
+    def to_dict(self) -> dict[str, bool]:
+        """Plain JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+FAST = ForwardOptions()  # the default
+
+
+def bf16_supported() -> bool:
+    """True on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of ``--precision``.
+
+    Raises:
+        ConfigError: ``bf16`` on a CPU without native bfloat16 (it would be emulated, slowly).
+    """
+    if precision != "bf16":
+        return torch.float32
+    if not bf16_supported():
+        raise ConfigError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or "
+                          "AMX; see `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo`). This one "
+                          "has none: drop --precision or run on such nodes.")
+    return torch.bfloat16
