@@ -207,6 +207,19 @@ def _cohort(folder: Path, model: Path, knees: int) -> dict[str, float]:
     return result
 
 
+def _run_cli(manifest: Path, model: Path, out: Path, *flags: str) -> dict[str, float]:
+    """The whole ``kneebatch run`` as a user runs it: a fresh process, default layout (no layout
+    flags), imports, cluster start, model load, every knee, gather and shutdown."""
+    command = [sys.executable, "-m", "kneebatch", "--quiet", "run", str(manifest), "--out",
+               str(out), "--model", str(model), *flags]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return {"wall_s": wall}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results.json"))
@@ -240,6 +253,10 @@ def main() -> None:
             ct, mask, model, folder / "e2", "--spacing", "native", "--crop", "none")
         print("measuring the cohort ...", file=sys.stderr)
         results["cohort"] = _cohort(folder, model, args.cohort_knees)
+        manifest = folder / "cohort" / "manifest.csv"  # written by _cohort
+        for name, flags in (("run_cli_defaults", ()), ("run_cli_plain_forward", ("--plain-forward",))):
+            print(f"measuring {name} ...", file=sys.stderr)
+            results[name] = _run_cli(manifest, model, folder / name, *flags)
 
     peak = results["conv3d_peak"]["best_gflops"]
     naive_kph = 3600 / results["naive"]["knee_s"]
@@ -261,6 +278,12 @@ def main() -> None:
            f"{r['user_s']:.1f} / {r['sys_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB |"
            for name, r in (("defaults", results["extract_cli_defaults"]),
                            ("seed semantics", results["extract_cli_seed_semantics"]))]
+    runs = [f"| `kneebatch run` {name}, {args.cohort_knees} knees (fresh process, default layout, "
+            f"start-up and gather included) | {r['wall_s']:.1f} s | "
+            f"{3600 * args.cohort_knees / r['wall_s']:.0f} knees/h "
+            f"({3600 * args.cohort_knees / r['wall_s'] / naive_kph:.1f}x naive) | | |"
+            for name, r in (("defaults", results["run_cli_defaults"]),
+                            ("--plain-forward", results["run_cli_plain_forward"]))]
     c = results["cohort"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -277,6 +300,7 @@ def main() -> None:
         "| command | wall | rate | CPU user / sys | peak RSS |",
         "|---|---|---|---|---|",
         *cli,
+        *runs,
         "",
         f"Cohort of {args.cohort_knees} clinical knees: {c['knees_per_hour_1w']:.0f} knees/h with 1 "
         f"worker, {c['knees_per_hour_2w']:.0f} with 2 (parallel efficiency "
