@@ -206,6 +206,10 @@ def run_cohort(
     if not specs and not problems:
         raise ConfigError(f"Manifest {manifest_path} lists no subjects; add one row per knee.")
     mine = shard(specs, part)
+    if part and not part.startswith("0/"):
+        problems_here: list[RowProblem] = []  # unusable rows count in shard 0 only
+    else:
+        problems_here = problems
     compute_dtype(config.precision)  # a precision this CPU lacks: refused before anything runs
     info = check_model_file(model_path)
     if info.weights.startswith("random"):
@@ -266,7 +270,8 @@ def run_cohort(
     wall_s = time.perf_counter() - t0
     record = dataclasses.replace(
         record, ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        counts={"total": len(mine) + len(problems), "ok": ok, "failed": failed + len(problems),
+        counts={"total": len(mine) + len(problems_here), "ok": ok,
+                "failed": failed + len(problems_here),
                 "skipped": skipped, "changed": changed},
         stage_seconds=_stage_totals(outcomes), wall_s=round(wall_s, 2), stopped=stopped)
     save_run_record(out, record)
@@ -274,7 +279,7 @@ def run_cohort(
     if gather_results:
         result = gather_run(out, record, keep_larger=stopped)
         pending, left_out = len(result.pending), result.left_out
-    return RunSummary(run_id, len(mine) + len(problems), ok, failed + len(problems), skipped,
+    return RunSummary(run_id, len(mine) + len(problems_here), ok, failed + len(problems_here), skipped,
                       wall_s, out, stopped, changed, pending, left_out)
 
 
