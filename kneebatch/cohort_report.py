@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from kneebatch.config import PAIRS
+from kneebatch.records import RunRecord
 from kneebatch.store import write_bytes_atomic, write_text_atomic
 
 HEATMAP_MAX = 500
@@ -110,11 +111,12 @@ def write_cohort_report(out: Path) -> Path:
     for name, data in figures.items():
         if data is not None:
             write_bytes_atomic(folder / name, data)
-    record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    provenance = {k: record.get(k) for k in ("run_id", "weights", "model_sha256", "config_hash",
-                                             "started", "ended", "manifest")}
-    provenance.update({"subjects in Parquet": sims["subject_id"].nunique(),
-                       "failed": len(failures), "settings": json.dumps(record.get("config"))})
+    record = RunRecord.read(out / "run.json") or RunRecord(run_id="", started="")
+    provenance = {"run_id": record.run_id, "weights": record.weights,
+                  "model_sha256": record.model_sha256, "config_hash": record.config_hash,
+                  "started": record.started, "ended": record.ended, "manifest": record.manifest,
+                  "subjects in Parquet": sims["subject_id"].nunique(), "failed": len(failures),
+                  "settings": json.dumps(record.config)}
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in provenance.items())
     heat = figures["heatmap.png"]
@@ -126,7 +128,7 @@ def write_cohort_report(out: Path) -> Path:
         "</head><body><h1>kneebatch report</h1>",
         f"<h2>Run</h2><table>{rows}</table>",
     ]
-    if str(record.get("weights", "")).startswith("random"):
+    if record.weights.startswith("random"):
         body.append("<p><b>These features come from RANDOM weights: for testing only.</b></p>")
     boxes, bars = figures["cosine_by_layer.png"], figures["failures_by_stage.png"]
     if boxes:
