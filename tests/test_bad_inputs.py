@@ -71,7 +71,7 @@ BAD = {
     "too_big": ("memory", "need about", "ct"),
 }
 FIXES = {"read": ("Give", "Check", "Export", "Copy", "Move", "Fix", "Point"), "regions": ("Check",),
-         "geometry": ("--resample-mask",), "memory": ("more memory",)}
+         "geometry": ("--resample-mask",), "memory": ("--memory-per-worker",)}
 
 
 def _build(folder: Path) -> Path:
