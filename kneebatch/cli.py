@@ -14,69 +14,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kneebatch import __version__
-from kneebatch.config import DEFAULT_LAYERS, LAYERS, PAIRS, CropMode, ExtractionConfig
+from kneebatch.cli_options import (
+    add_config_options,
+    add_plain_forward,
+    add_read_timeout,
+    add_slurm_options,
+    cluster_spec_from_args,
+    config_from_args,
+    forward_from_args,
+    slurm_options_from_args,
+)
+from kneebatch.config import PAIRS
 from kneebatch.errors import ConfigError, KneebatchError
 
 if TYPE_CHECKING:
-    from kneebatch.cluster import ClusterSpec, SlurmOptions
-    from kneebatch.network.options import ForwardOptions
     from kneebatch.similarity import SimilarityRow
 
 log = logging.getLogger("kneebatch")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 75
-
-
-def _spacing(value: str) -> float | None:
-    if value == "native":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of mm (e.g. 1.0) or 'native', got {value!r}") from None
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("extraction settings (recorded in every output)")
-    group.add_argument("--spacing", type=_spacing, default=1.0, metavar="MM|native",
-                       help="isotropic resampling in mm, or 'native' (default: 1.0)")
-    group.add_argument("--crop", choices=[c.value for c in CropMode], default="bbox",
-                       help="bbox: label box / body + margin (default); none: whole volume")
-    group.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                       help=f"comma-separated, from {','.join(LAYERS)} (default: %(default)s)")
-    group.add_argument("--resample-mask", action="store_true",
-                       help="put a mask on another grid onto the CT grid (nearest neighbour) "
-                            "instead of failing the subject")
-    group.add_argument("--precision", choices=["float32", "bf16"], default="float32",
-                       help="forward pass in float32 (default) or bfloat16 (CPUs with "
-                            "AVX512-BF16/AMX; pooling and cosines stay float32)")
-
-
-def _add_read_timeout(parser: argparse.ArgumentParser) -> None:
-    from kneebatch.io import READ_TIMEOUT_S
-
-    parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
-                        help="a CT or mask that gives no answer for S seconds (a hung network "
-                             "mount) fails its subject at stage read (default: %(default)g)")
-
-
-def _config(args: argparse.Namespace) -> ExtractionConfig:
-    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
-    return ExtractionConfig(spacing_mm=args.spacing, crop=CropMode(args.crop), layers=layers,
-                            resample_mask=args.resample_mask, precision=args.precision)
-
-
-def _add_plain_forward(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plain-forward", action="store_true",
-                        help="debugging: torchvision's own forward in the default memory format "
-                             "(no channels_last, stem slabs or lean blocks; same numbers, slower)")
-
-
-def _forward(args: argparse.Namespace) -> ForwardOptions:
-    from kneebatch.network.options import ForwardOptions
-
-    return ForwardOptions.plain() if args.plain_forward else ForwardOptions()
 
 
 def _model_path(args: argparse.Namespace) -> Path:
@@ -127,7 +83,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from kneebatch.store import read_similarities, subject_dir
     from kneebatch.subject import process_subject
 
-    config = _config(args)
+    config = config_from_args(args)
     spec = subject_spec(args.subject_id, args.ct, args.mask, args.side)
     configure_compute(args.threads or usable_cpus())
     compute_dtype(config.precision)
@@ -138,7 +94,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                                             config.to_dict()), overwrite=args.overwrite)
     run_id = f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     outcome = process_subject(spec, config, model_path, args.out, run_id=run_id,
-                              overwrite=args.overwrite, options=_forward(args))
+                              overwrite=args.overwrite, options=forward_from_args(args))
     if outcome.status == "claimed":
         print(f"kneebatch: subject {spec.subject_id} is being computed by another process right "
               "now; try again when it has finished.", file=sys.stderr)
@@ -157,7 +113,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from kneebatch.manifest import parse_manifest
     from kneebatch.memory import estimate_bytes, gib
 
-    config = _config(args)
+    config = config_from_args(args)
     specs, row_problems = parse_manifest(args.manifest)
     for row in row_problems:
         print(f"FAIL {row.subject_id or '(no id)'}: manifest {row.message}")
@@ -178,55 +134,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
-def _slurm_options(args: argparse.Namespace) -> SlurmOptions:
-    from kneebatch.cluster import SlurmOptions
-
-    return SlurmOptions(cores=args.slurm_cores, memory=args.slurm_memory,
-                        walltime=args.slurm_walltime, partition=args.slurm_partition,
-                        account=args.slurm_account, directives=tuple(args.slurm_directive),
-                        max_jobs=args.slurm_max_jobs)
-
-
-def _cluster_spec(args: argparse.Namespace) -> ClusterSpec:
-    from kneebatch.cluster import ClusterSpec
-
-    slurm = _slurm_options(args) if args.cluster == "slurm" else None
-    if slurm and (args.scheduler_file or args.scheduler_address):
-        raise ConfigError("--cluster slurm starts its own scheduler; drop --scheduler-file/-address.")
-    memory = 0
-    if args.memory_per_worker:
-        from dask.utils import parse_bytes
-
-        try:
-            memory = parse_bytes(args.memory_per_worker)
-        except ValueError as exc:
-            raise ConfigError(f"--memory-per-worker {args.memory_per_worker!r} is not a size; "
-                              "e.g. --memory-per-worker 4GB.") from exc
-    return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
-                       scheduler_file=args.scheduler_file,
-                       scheduler_address=args.scheduler_address, memory_limit_bytes=memory,
-                       slurm=slurm, dashboard=args.dashboard)
-
-
 def _cmd_job_script(args: argparse.Namespace) -> int:
     from kneebatch.cluster import slurm_cluster
 
-    with slurm_cluster(_slurm_options(args), args.threads_per_worker or 2) as cluster:
+    with slurm_cluster(slurm_options_from_args(args), args.threads_per_worker or 2) as cluster:
         print(cluster.job_script())
     return EXIT_OK
-
-
-def _add_slurm_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SLURM worker jobs (--cluster slurm, via dask-jobqueue)")
-    group.add_argument("--slurm-cores", type=int, default=8, help="cores per job (default: 8)")
-    group.add_argument("--slurm-memory", default="32GB", help="memory per job (default: 32GB)")
-    group.add_argument("--slurm-walltime", default="04:00:00", help="per job (default: 04:00:00)")
-    group.add_argument("--slurm-partition", default=None)
-    group.add_argument("--slurm-account", default=None)
-    group.add_argument("--slurm-directive", action="append", default=[], metavar="OPT",
-                       help="extra #SBATCH option, e.g. --slurm-directive=--qos=long (repeatable)")
-    group.add_argument("--slurm-max-jobs", type=int, default=4,
-                       help="at most this many worker jobs at once (default: 4)")
 
 
 def _print_summary_table(out: Path) -> None:
@@ -248,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kneebatch.progress import Progress
     from kneebatch.run import run_cohort
 
-    config = _config(args)
+    config = config_from_args(args)
     model_path = _model_path(args)
     progress = Progress(0, sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
                         every_n=args.progress_every)
@@ -265,11 +178,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signum, request_stop)
     _route_dask_logging(args.debug)
     summary = run_cohort(args.manifest, args.out, model_path, config=config,
-                         cluster=_cluster_spec(args), overwrite=args.overwrite,
+                         cluster=cluster_spec_from_args(args), overwrite=args.overwrite,
                          on_progress=progress, stop=stop, gather_results=not args.no_gather,
                          qc=args.qc, part=args.shard,
                          read_timeout_s=args.read_timeout, on_start=progress.start,
-                         forward=_forward(args))
+                         forward=forward_from_args(args))
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -405,14 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable)")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute a finished subject; replace results of other settings in OUT")
-    _add_plain_forward(p)
-    _add_config_options(p)
+    add_plain_forward(p)
+    add_config_options(p)
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("validate", help="preflight a manifest: files, headers, geometry; no model")
     p.add_argument("manifest", type=Path)
-    _add_read_timeout(p)
-    _add_config_options(p)
+    add_read_timeout(p)
+    add_config_options(p)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="a whole manifest on dask, gathered into Parquet")
@@ -445,15 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in batch logs, a progress line every N subjects (default: 5%%)")
     p.add_argument("--dashboard", action="store_true",
                    help="serve dask's dashboard on localhost (a free port; the link is logged)")
-    _add_read_timeout(p)
-    _add_plain_forward(p)
-    _add_config_options(p)
-    _add_slurm_options(p)
+    add_read_timeout(p)
+    add_plain_forward(p)
+    add_config_options(p)
+    add_slurm_options(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("job-script", help="print the worker job script --cluster slurm submits")
     p.add_argument("--threads-per-worker", type=int, default=2)
-    _add_slurm_options(p)
+    add_slurm_options(p)
     p.set_defaults(func=_cmd_job_script)
 
     p = sub.add_parser("report", help="QC pictures per subject and cohort figures in OUT/report")

@@ -1,0 +1,109 @@
+"""The command line's shared options: extraction settings, forward switches, read time-out and
+SLURM worker jobs, and the values they build. Configures argparse only; ``cli`` runs and prints."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from kneebatch.config import DEFAULT_LAYERS, LAYERS, CropMode, ExtractionConfig
+from kneebatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kneebatch.cluster import ClusterSpec, SlurmOptions
+    from kneebatch.network.options import ForwardOptions
+
+
+def _spacing(value: str) -> float | None:
+    if value == "native":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of mm (e.g. 1.0) or 'native', got {value!r}") from None
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("extraction settings (recorded in every output)")
+    group.add_argument("--spacing", type=_spacing, default=1.0, metavar="MM|native",
+                       help="isotropic resampling in mm, or 'native' (default: 1.0)")
+    group.add_argument("--crop", choices=[c.value for c in CropMode], default="bbox",
+                       help="bbox: label box / body + margin (default); none: whole volume")
+    group.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
+                       help=f"comma-separated, from {','.join(LAYERS)} (default: %(default)s)")
+    group.add_argument("--resample-mask", action="store_true",
+                       help="put a mask on another grid onto the CT grid (nearest neighbour) "
+                            "instead of failing the subject")
+    group.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                       help="forward pass in float32 (default) or bfloat16 (CPUs with "
+                            "AVX512-BF16/AMX; pooling and cosines stay float32)")
+
+
+def add_read_timeout(parser: argparse.ArgumentParser) -> None:
+    from kneebatch.io import READ_TIMEOUT_S
+
+    parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
+                        help="a CT or mask that gives no answer for S seconds (a hung network "
+                             "mount) fails its subject at stage read (default: %(default)g)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
+    return ExtractionConfig(spacing_mm=args.spacing, crop=CropMode(args.crop), layers=layers,
+                            resample_mask=args.resample_mask, precision=args.precision)
+
+
+def add_plain_forward(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plain-forward", action="store_true",
+                        help="debugging: torchvision's own forward in the default memory format "
+                             "(no channels_last, stem slabs or lean blocks; same numbers, slower)")
+
+
+def forward_from_args(args: argparse.Namespace) -> ForwardOptions:
+    from kneebatch.network.options import ForwardOptions
+
+    return ForwardOptions.plain() if args.plain_forward else ForwardOptions()
+
+
+def slurm_options_from_args(args: argparse.Namespace) -> SlurmOptions:
+    from kneebatch.cluster import SlurmOptions
+
+    return SlurmOptions(cores=args.slurm_cores, memory=args.slurm_memory,
+                        walltime=args.slurm_walltime, partition=args.slurm_partition,
+                        account=args.slurm_account, directives=tuple(args.slurm_directive),
+                        max_jobs=args.slurm_max_jobs)
+
+
+def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
+    from kneebatch.cluster import ClusterSpec
+
+    slurm = slurm_options_from_args(args) if args.cluster == "slurm" else None
+    if slurm and (args.scheduler_file or args.scheduler_address):
+        raise ConfigError("--cluster slurm starts its own scheduler; drop --scheduler-file/-address.")
+    memory = 0
+    if args.memory_per_worker:
+        from dask.utils import parse_bytes
+
+        try:
+            memory = parse_bytes(args.memory_per_worker)
+        except ValueError as exc:
+            raise ConfigError(f"--memory-per-worker {args.memory_per_worker!r} is not a size; "
+                              "e.g. --memory-per-worker 4GB.") from exc
+    return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
+                       scheduler_file=args.scheduler_file,
+                       scheduler_address=args.scheduler_address, memory_limit_bytes=memory,
+                       slurm=slurm, dashboard=args.dashboard)
+
+
+def add_slurm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SLURM worker jobs (--cluster slurm, via dask-jobqueue)")
+    group.add_argument("--slurm-cores", type=int, default=8, help="cores per job (default: 8)")
+    group.add_argument("--slurm-memory", default="32GB", help="memory per job (default: 32GB)")
+    group.add_argument("--slurm-walltime", default="04:00:00", help="per job (default: 04:00:00)")
+    group.add_argument("--slurm-partition", default=None)
+    group.add_argument("--slurm-account", default=None)
+    group.add_argument("--slurm-directive", action="append", default=[], metavar="OPT",
+                       help="extra #SBATCH option, e.g. --slurm-directive=--qos=long (repeatable)")
+    group.add_argument("--slurm-max-jobs", type=int, default=4,
+                       help="at most this many worker jobs at once (default: 4)")
