@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import platform
@@ -37,7 +36,7 @@ from kneebatch.gather import gather_run
 from kneebatch.io import READ_TIMEOUT_S
 from kneebatch.key import subject_key
 from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.network.model import check_model_file
+from kneebatch.network.model import check_model_file, file_sha256
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record
 from kneebatch.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
@@ -119,10 +118,6 @@ def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
         for stage, seconds in outcome.timings_s.items():
             totals[stage] = totals.get(stage, 0.0) + seconds
     return {k: round(v, 3) for k, v in sorted(totals.items())}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -224,7 +219,7 @@ def run_cohort(
     t0 = time.perf_counter()
     keys = {s.subject_id: subject_key(s, config_hash, info.sha256) for s in specs}
     manifest_record = ManifestRecord(keys, str(manifest_path.resolve()) if manifest_path else None,
-                                     _sha256(manifest_path) if manifest_path else None)
+                                     file_sha256(manifest_path) if manifest_path else None)
     save_manifest(out, manifest_record)
     states = {s.subject_id: result_state(out, s.subject_id, keys[s.subject_id]) for s in mine}
     todo = [s for s in mine if overwrite or states[s.subject_id] is not State.FINISHED]

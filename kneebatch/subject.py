@@ -157,7 +157,8 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
 
 
 def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionConfig,
-                 model: LoadedModel, key: str, run_id: str) -> DoneRecord:
+                 model: LoadedModel, key: str, run_id: str,
+                 options: ForwardOptions) -> DoneRecord:
     import torch
     import torchvision
 
@@ -180,6 +181,7 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         boxes={r: [list(b) for b in box] for r, box in result.boxes.items()},
         timings_s={k: round(v, 4) for k, v in result.timings_s.items()},
         warnings=list(result.warnings),
+        forward=options.to_dict(),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -249,8 +251,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
             result = compute_subject(spec, config, model, stage=stage, qc=qc,
                                      read_timeout_s=read_timeout_s, options=options)
             stage.append("write")
-            done = dataclasses.replace(_done_record(spec, result, config, model, key, run_id),
-                                       forward=options.to_dict())
+            done = _done_record(spec, result, config, model, key, run_id, options)
             extra = {QC: result.qc_png} if result.qc_png else {}
             timings = write_subject(out, spec.subject_id, result.vectors, result.rows, done,
                                     start, extra)

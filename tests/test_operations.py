@@ -323,12 +323,12 @@ def test_a_model_file_that_is_not_ours_is_refused_before_compute(
 
     import torch
 
-    from kneebatch.network.model import _sha256, sidecar_path
+    from kneebatch.network.model import file_sha256, sidecar_path
 
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, other)
     sidecar = json.loads(sidecar_path(model_path).read_text())
-    sidecar["sha256"] = _sha256(other)
+    sidecar["sha256"] = file_sha256(other)
     sidecar_path(other).write_text(json.dumps(sidecar))
     start = time.monotonic()
     assert run(cohort, tmp_path / "out", other) == 2

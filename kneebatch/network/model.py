@@ -109,7 +109,7 @@ def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
             f"Could not load DenseNet121 weights from {path}: {str(exc)[:300]}. Expected a torchvision "
             "densenet121 state dict such as torchvision's densenet121-a639ec97.pth."
         ) from exc
-    return net, f"file:{path.name}:sha256={_sha256(path)[:16]}"
+    return net, f"file:{path.name}:sha256={file_sha256(path)[:16]}"
 
 
 def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequential, str]:
@@ -136,7 +136,8 @@ def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequent
     return features.eval(), source
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -159,7 +160,7 @@ def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(network.state_dict(), tmp)
     info = ModelInfo(
-        sha256=_sha256(tmp),
+        sha256=file_sha256(tmp),
         weights=weights_source,
         torch=torch.__version__,
         torchvision=torchvision.__version__,
@@ -192,7 +193,7 @@ def read_model_info(path: Path) -> ModelInfo:
             f"Model sidecar {side} is missing or unreadable ({exc}). Rebuild the model with "
             f"`kneebatch build-model --out {path}`; it writes both files."
         ) from exc
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != info.sha256:
         raise WeightsError(
             f"Model file {path} has sha256 {actual[:16]}..., but its sidecar {side.name} says "
