@@ -29,9 +29,9 @@ def _flops(shapes: list[tuple[int, ...]], layers: tuple[str, ...]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kneebatch.network.model import _architecture
+    from kneebatch.network.model import _architecture, grey_input
 
-    net = copy.deepcopy(_architecture()).to("meta")
+    net = copy.deepcopy(grey_input(_architecture(), "grey")).to("meta")
     children = list(net.named_children())
     deepest = max(i for i, (name, _) in enumerate(children) if name in layers)
     total = 0.0
@@ -57,8 +57,8 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
     start = time.perf_counter()
     net = densenet121(weights=None).features
     inflate(net)
-    collapse_input_channels(net.conv0)
     net.load_state_dict(torch.load(model, weights_only=True))
+    collapse_input_channels(net.conv0)
     net.eval()
     image = sitk.GetArrayFromImage(sitk.ReadImage(ct)).astype(np.float32)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(mask))
@@ -91,16 +91,15 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
 
 def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]:
     """kneebatch's per-knee path as a worker runs it: the model is already loaded."""
-    from kneebatch.config import CropMode, ExtractionConfig
+    from kneebatch.config import ExtractionConfig
     from kneebatch.manifest import SubjectSpec
     from kneebatch.network.model import get_model
     from kneebatch.runtime import configure_compute, usable_cpus
     from kneebatch.subject import compute_subject
 
     configure_compute(usable_cpus())
-    config = (ExtractionConfig(spacing_mm=None, crop=CropMode.NONE) if native
-              else ExtractionConfig())
-    loaded = get_model(Path(model))
+    config = ExtractionConfig.seed() if native else ExtractionConfig()
+    loaded = get_model(Path(model), config.input_norm)
     spec = SubjectSpec("bench", Path(ct), Path(mask), "R")
     start = time.perf_counter()
     result = compute_subject(spec, config, loaded)

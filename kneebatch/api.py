@@ -39,7 +39,8 @@ def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
         KneebatchError: bad input or model.
     """
     spec = subject_spec(subject_id, ct, mask, side)
-    return compute_subject(spec, config or ExtractionConfig(), get_model(Path(model_path)))
+    config = config or ExtractionConfig()
+    return compute_subject(spec, config, get_model(Path(model_path), config.input_norm))
 
 
 def read_results(out: Path | str) -> Results:

@@ -88,7 +88,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     configure_compute(args.threads or usable_cpus())
     compute_dtype(config.precision)
     model_path = _model_path(args)
-    model = get_model(model_path)  # a bad model file is a usage error (exit 2), not a subject's
+    # A bad model file is a usage error (exit 2), not a subject's.
+    model = get_model(model_path, config.input_norm)
     claim_out(args.out)
     check_settings(args.out, SettingsRecord(config.hash(), model.info.sha256, model.info.weights,
                                             config.to_dict()), overwrite=args.overwrite)

@@ -22,6 +22,8 @@ LAYERS = (
 )
 DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
 PRECISIONS = ("float32", "bf16")
+INPUT_NORMS = ("imagenet", "grey")
+POOLINGS = ("region", "crop")
 REGIONS = ("tibia", "femur", "background")
 PAIRS = (("tibia", "femur"), ("tibia", "background"), ("femur", "background"))
 LABELS = {"tibia": 1, "femur": 2}
@@ -61,7 +63,16 @@ class ExtractionConfig:
         crop: region crop mode.
         hu_min, hu_max: HU window; values outside are clipped (scanner padding such as -3024 HU
             becomes air). ``hu_min`` is also the value of everything outside a region.
-        mean, std: normalisation after mapping the window to [0, 1].
+        input_norm: ``imagenet``: the window mapped to [0, 1] (air = 0) is the network's input and
+            ImageNet's per-channel mean and std are folded into conv0 exactly, so conv0's zero
+            padding is air; ``grey``: the seed's one grey ``(x - mean) / std`` before conv0's
+            summed kernels (zero padding is then mid-grey, not air).
+        mean, std: the grey normalisation of ``input_norm="grey"``.
+        pooling: ``region``: each hooked layer averaged over its region's voxels only (the
+            region mask averaged down to the layer's grid as weights); ``crop``: averaged over the
+            whole network input.
+        antialias: Gaussian smoothing before resampling to a coarser grid (sigma per axis
+            (target - native) / 2 mm, as scikit-image's ``resize``).
         margin_mm: margin around each crop box.
         body_threshold_hu, body_min_fraction: what counts as the body for the background crop.
         min_size: every axis is padded with air to at least this many voxels.
@@ -76,8 +87,11 @@ class ExtractionConfig:
     crop: CropMode = CropMode.BBOX
     hu_min: float = -1000.0
     hu_max: float = 2000.0
+    input_norm: str = "imagenet"
     mean: float = 0.449
     std: float = 0.226
+    pooling: str = "region"
+    antialias: bool = True
     margin_mm: float = 10.0
     body_threshold_hu: float = -500.0
     body_min_fraction: float = 0.1
@@ -101,16 +115,37 @@ class ExtractionConfig:
         for layer in self.layers:
             parse_choice(layer, LAYERS, "layer")
         parse_choice(self.precision, PRECISIONS, "precision")
+        parse_choice(self.input_norm, INPUT_NORMS, "input normalisation")
+        parse_choice(self.pooling, POOLINGS, "pooling")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"Layers repeat: {', '.join(self.layers)}.")
         # Network order, so a given set of layers always hashes and stores the same way.
         object.__setattr__(self, "layers", tuple(sorted(self.layers, key=LAYERS.index)))
         object.__setattr__(self, "crop", CropMode(self.crop))
 
+    @classmethod
+    def seed(cls, **overrides: Any) -> ExtractionConfig:
+        """``--preset seed``: every seed-fidelity choice at once (native spacing, no crop, crop
+        pooling, one grey mean/std with conv0's summed kernels and zero padding); ``overrides``
+        win."""
+        values: dict[str, Any] = {"spacing_mm": None, "crop": CropMode.NONE, "pooling": "crop",
+                                  "input_norm": "grey"}
+        return cls(**(values | overrides))
+
+    @property
+    def input_scale_offset(self) -> tuple[float, float]:
+        """``hu * scale + offset`` is the network's input (HU already clipped to the window)."""
+        scale = 1.0 / (self.hu_max - self.hu_min)
+        offset = -self.hu_min * scale
+        if self.input_norm == "grey":
+            scale, offset = scale / self.std, (offset - self.mean) / self.std
+        return scale, offset
+
     @property
     def air_value(self) -> float:
-        """The normalised intensity of air (the window's low end)."""
-        return (0.0 - self.mean) / self.std
+        """The network's input for air (the window's low end): 0 with ``imagenet``."""
+        scale, offset = self.input_scale_offset
+        return self.hu_min * scale + offset
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready form (recorded in done.json and run.json)."""

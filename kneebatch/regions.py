@@ -1,7 +1,8 @@
 """Regions stage: HU window, resample, split by label, crop, pad.
 
-Input is a ``Scan`` (z, y, x) in HU; output is one normalised float32 volume per region, ready for
-the network, plus the crop boxes (for QC and provenance).
+Input is a ``Scan`` (z, y, x) in HU; output is one float32 network input per region (the window
+mapped to the network's input, air outside the region), the region's voxels in it (for region
+pooling), and the crop boxes (for QC and provenance).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Regions:
     Attributes:
         grid_hu: the resampled volume in HU, clipped to the window, float32 (z, y, x).
         grid_mask: its labels, uint8 (z, y, x).
+        grid_body: the body (see ``body_mask``), bool (z, y, x), or None where the background is
+            every label-0 voxel (``--crop none`` with ``--pooling crop``: the seed's).
         boxes: region name -> ((z0, z1), (y0, y1), (x0, x1)) crop box on the grid.
         spacing_mm: voxel size of the grid (z, y, x).
         config: the settings (window, normalisation, padding).
@@ -35,6 +38,7 @@ class Regions:
 
     grid_hu: np.ndarray
     grid_mask: np.ndarray
+    grid_body: np.ndarray | None
     boxes: dict[str, Box]
     spacing_mm: tuple[float, float, float]
     config: ExtractionConfig
@@ -45,15 +49,31 @@ class Regions:
         z, y, x = self.grid_hu.shape
         return (z, y, x)
 
-    def volume(self, name: str) -> np.ndarray:
-        """The normalised network input of one region: float32 (z, y, x), air outside it."""
+    def _members(self, name: str, box: tuple[slice, ...]) -> np.ndarray:
+        members = self.grid_mask[box] == LABELS.get(name, 0)
+        if name == "background" and self.grid_body is not None:
+            members &= self.grid_body[box]  # label 0 inside the body: not the air around the leg
+        return members
+
+    def region(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The network input of one region and where the region is in it.
+
+        Returns:
+            float32 (z, y, x): the CT in the region, air elsewhere and in the padding up to
+            ``min_size``; and bool (z, y, x), the same shape: the region's voxels.
+        """
         config = self.config
         box = tuple(slice(a, b) for a, b in self.boxes[name])  # (z, y, x)
-        scale = 1.0 / ((config.hu_max - config.hu_min) * config.std)
-        offset = -config.hu_min * scale - config.mean / config.std
+        scale, offset = config.input_scale_offset
         volume = self.grid_hu[box] * np.float32(scale) + np.float32(offset)
-        volume[self.grid_mask[box] != LABELS.get(name, 0)] = config.air_value
-        return _pad(volume.astype(np.float32, copy=False), config.min_size, config.air_value)
+        members = self._members(name, box)
+        volume[~members] = config.air_value
+        return (_pad(volume.astype(np.float32, copy=False), config.min_size, config.air_value),
+                _pad(members, config.min_size, False))
+
+    def volume(self, name: str) -> np.ndarray:
+        """The network input of one region: float32 (z, y, x), air outside it."""
+        return self.region(name)[0]
 
     @property
     def volumes(self) -> dict[str, np.ndarray]:
@@ -61,11 +81,29 @@ class Regions:
         return {name: self.volume(name) for name in REGIONS}
 
 
+def antialias_sigmas_mm(spacing_mm: tuple[float, ...], target_mm: float) -> tuple[float, ...]:
+    """Gaussian sigma per axis before resampling to ``target_mm``: ``(target - native) / 2`` where
+    the grid gets coarser, 0 elsewhere (scikit-image ``resize``'s ``(factor - 1) / 2`` voxels)."""
+    return tuple(max(0.0, (target_mm - s) / 2) for s in spacing_mm)
+
+
+def _smooth(image: sitk.Image, sigmas_mm_xyz: tuple[float, ...]) -> sitk.Image:
+    """Gaussian smoothing (SimpleITK's recursive filter, one pass per axis that needs it)."""
+    for axis, sigma in enumerate(sigmas_mm_xyz):
+        if sigma > 0 and image.GetSize()[axis] >= 4:  # the recursive filter needs 4 voxels
+            image = sitk.RecursiveGaussian(image, sigma, False,
+                                           sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    return image
+
+
 def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float,
-              interpolator: int, default: float) -> np.ndarray:
-    """Resample a (z, y, x) array to isotropic ``target_mm``, keeping the field of view."""
+              interpolator: int, default: float, antialias: bool = False) -> np.ndarray:
+    """Resample a (z, y, x) array to isotropic ``target_mm``, keeping the field of view; with
+    ``antialias``, smooth first along the axes that get coarser."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(reversed(spacing_mm)))  # SimpleITK order is (x, y, z)
+    if antialias:
+        image = _smooth(image, antialias_sigmas_mm(image.GetSpacing(), target_mm))
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.full(3, target_mm)
     new_size = [max(1, round(n * s / target_mm)) for n, s in zip(image.GetSize(), old_spacing, strict=True)]
@@ -121,7 +159,8 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
     mask = scan.mask
     spacing = scan.spacing_mm
     if config.spacing_mm is not None:
-        ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min)
+        ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min,
+                       config.antialias)
         mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
         spacing = (config.spacing_mm,) * 3
     full: Box = tuple((0, n) for n in ct.shape)
@@ -138,12 +177,20 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
             )
         if config.crop is CropMode.BBOX and name in LABELS:
             boxes[name] = _bbox(members, margin)
-    if config.crop is CropMode.BBOX:
+    body = None
+    if config.crop is CropMode.BBOX or config.pooling == "region":
         body = body_mask(ct, config.body_threshold_hu, config.body_min_fraction)
-        boxes["background"] = _bbox(body, margin) if body.any() else full
+        if not (body & (mask == 0)).any():
+            raise RegionError(
+                f"Subject {scan.subject_id}: no background voxels inside the body (nothing above "
+                f"{config.body_threshold_hu:g} HU outside the bones). Check that the CT is in HU "
+                "and belongs to this mask.")
+        if config.crop is CropMode.BBOX:
+            boxes["background"] = _bbox(body, margin)
     return Regions(
         grid_hu=ct,
         grid_mask=mask,
+        grid_body=body,
         boxes=boxes,
         spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         config=config,

@@ -133,11 +133,12 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
     for region in REGIONS:
         track.append(f"forward.{region}")
         release_memory()
-        volume = regions.volume(region)  # one region volume at a time: peak memory
+        volume, members = regions.region(region)  # one region at a time: peak memory
         shapes[region] = tuple(volume.shape)
         vectors[region], timings[f"forward.{region}"] = extract_features(
-            model.network, volume, config.layers, options, dtype=dtype)
-        del volume
+            model.network, volume, config.layers, options, dtype=dtype,
+            region=members if config.pooling == "region" else None)
+        del volume, members
         log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
                   timings[f"forward.{region}"])
     track.append("similarity")
@@ -236,7 +237,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
     stage = ["model"]
     start = time.perf_counter()
     try:
-        model = get_model(model_path)
+        model = get_model(model_path, config.input_norm)
         key = subject_key(spec, config.hash(), model.info.sha256)
         with claim(out, spec.subject_id, run_id) as held:
             if not held:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.models import densenet121
+from torchvision.transforms.functional import normalize
 
-from kneebatch.config import LAYERS
+from kneebatch.config import LAYERS, ExtractionConfig
 from kneebatch.network.features import extract_features
 from kneebatch.network.inflate import collapse_input_channels, inflate
+from kneebatch.network.model import imagenet_mean_std, load_model
 from kneebatch.network.options import ForwardOptions
 
 # Largest |3D - 2D| allowed, relative to the largest |activation| of the layer (float32 rounding
@@ -49,7 +52,7 @@ def _layer_outputs(net: nn.Sequential, x: torch.Tensor, until: str) -> dict[str,
 
 def _inflated(net2d: nn.Sequential) -> nn.Sequential:
     net3d = inflate(copy.deepcopy(net2d))
-    collapse_input_channels(net3d.conv0)
+    collapse_input_channels(net3d.conv0)  # summed kernels: a grey image on all three channels
     return net3d.eval()
 
 
@@ -115,6 +118,40 @@ def test_summed_conv0_equals_gray_fed_to_all_three_channels() -> None:
     collapse_input_channels(collapsed)
     assert collapsed.weight.shape == (64, 1, 7, 7)
     assert torch.allclose(collapsed(gray), expected, rtol=0, atol=1e-5)
+
+
+def test_imagenet_fold_equals_torchvision_normalisation_of_a_grey_image() -> None:
+    # DESIGN.md: weight sum_c w_c / s_c, bias -sum_c w_c m_c / s_c, on an input in [0, 1].
+    mean, std = imagenet_mean_std()
+    assert mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+    conv = _random_2d(6).conv0
+    grey = torch.rand((1, 1, 32, 32), generator=torch.Generator().manual_seed(7))  # in [0, 1]
+    expected = conv(normalize(grey.expand(1, 3, 32, 32), list(mean), list(std)))
+    folded = copy.deepcopy(conv)
+    collapse_input_channels(folded, mean, std)
+    assert folded.weight.shape == (64, 1, 7, 7) and folded.bias is not None
+    # Positions whose 7x7 window lies inside the image (the padding is the one difference: the
+    # 2D network pads with the mean colour after normalising, the folded conv0 with black/air).
+    inner = (slice(None), slice(None), slice(2, 15), slice(2, 15))
+    got = folded(grey)
+    assert torch.allclose(got[inner], expected[inner], rtol=0, atol=1e-5)
+    summed = copy.deepcopy(conv)
+    collapse_input_channels(summed)
+    assert not torch.allclose(summed(grey)[inner], expected[inner], atol=1e-2)
+
+
+@pytest.mark.parametrize(("input_norm", "wall"), [("imagenet", False), ("grey", True)],
+                         ids=["imagenet-air-padding", "seed-zero-padding"])
+def test_conv0_padding_is_air_with_the_imagenet_fold(model_path: Path, input_norm: str,
+                                                     wall: bool) -> None:
+    # An all-air input: with the fold, conv0's zero padding is air too, so no crop face shows a
+    # wall; the seed's grey normalisation pads with 0 = 347 HU, a wall at every face.
+    network = load_model(model_path, input_norm).network
+    air = ExtractionConfig(input_norm=input_norm).air_value
+    with torch.no_grad():
+        out = network.conv0(torch.full((1, 1, 16, 16, 16), air))
+    border_vs_centre = (out[:, :, 0, 0, 0] - out[:, :, 4, 4, 4]).abs().max().item()
+    assert (border_vs_centre > 1e-3) is wall
 
 
 @pytest.mark.parametrize("depth", [3, 7], ids=["k3", "k7"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import torch
 from torchvision.models import densenet121
 
 from kneebatch.errors import WeightsError
-from kneebatch.network.model import build_model, get_model, load_model, model_loads, save_model
+from kneebatch.network.model import (
+    build_model,
+    get_model,
+    grey_input,
+    load_model,
+    model_loads,
+    save_model,
+)
 
 
 def test_saved_model_loads_back_identically(tmp_path: Path) -> None:
@@ -21,9 +29,11 @@ def test_saved_model_loads_back_identically(tmp_path: Path) -> None:
     assert loaded.info == info and info.weights == "random:seed=3"
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["sha256"] == info.sha256 and side["torch"] == torch.__version__
-    saved, restored = network.state_dict(), loaded.network.state_dict()
+    saved = grey_input(copy.deepcopy(network), "imagenet").state_dict()
+    restored = loaded.network.state_dict()
     assert list(saved) == list(restored)
     assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert network.conv0.weight.shape[1] == 3, "the file keeps conv0's colour channels"
     assert not any(p.requires_grad for p in loaded.network.parameters())
 
 
@@ -60,6 +70,17 @@ def test_a_model_without_sidecar_is_refused(tmp_path: Path) -> None:
         load_model(path)
 
 
+def test_a_model_file_of_the_older_summed_conv0_layout_says_rebuild(tmp_path: Path) -> None:
+    network, source = build_model(weights="random", seed=0)
+    path = tmp_path / "m.pth"
+    save_model(network, source, path)
+    side = path.with_suffix(".json")
+    side.write_text(side.read_text().replace('"densenet121-inflated-3d"',
+                                             '"densenet121-inflated-3d-1ch"'))
+    with pytest.raises(WeightsError, match=r"older kneebatch.*build-model --weights random"):
+        load_model(path)
+
+
 def test_missing_model_file_says_how_to_build_one(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="kneebatch build-model"):
         load_model(tmp_path / "nope.pth")
@@ -86,8 +107,8 @@ def test_local_torchvision_checkpoint_with_old_key_names(tmp_path: Path) -> None
     torch.save(old, path)
     network, source = build_model(weights=str(path))
     assert source.startswith("file:densenet121-local.pth")
-    assert torch.allclose(network.conv0.weight[:, 0].sum(dim=1),
-                          net2d.features.conv0.weight.sum(dim=1), atol=1e-5)
+    assert torch.allclose(network.conv0.weight.sum(dim=2), net2d.features.conv0.weight,
+                          atol=1e-5)
     layer3d = network.denseblock1.denselayer1
     layer2d = net2d.features.denseblock1.denselayer1
     assert torch.equal(layer3d.norm1.weight, layer2d.norm1.weight)

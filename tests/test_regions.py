@@ -10,7 +10,7 @@ from kneebatch.errors import RegionError
 from kneebatch.io import Scan
 from kneebatch.regions import body_mask, make_regions
 
-NATIVE = ExtractionConfig(spacing_mm=None, crop=CropMode.NONE)
+NATIVE = ExtractionConfig.seed()  # native grid, no crop, the seed's grey normalisation
 
 
 def _scan(ct: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -30,14 +30,19 @@ def _blocks(shape: tuple[int, int, int] = (40, 40, 40)) -> tuple[np.ndarray, np.
     return ct, mask
 
 
-@pytest.mark.parametrize(("hu", "expected"),
-                         [(-1000, -0.449 / 0.226), (-3024, -0.449 / 0.226), (2000, 0.551 / 0.226),
-                          (2500, 0.551 / 0.226), (500, (0.5 - 0.449) / 0.226)],
-                         ids=["air", "scanner-padding", "top", "above-window", "middle"])
-def test_hu_window_and_normalisation_by_hand(hu: float, expected: float) -> None:
+@pytest.mark.parametrize(("input_norm", "hu", "expected"),
+                         [("grey", -1000, -0.449 / 0.226), ("grey", -3024, -0.449 / 0.226),
+                          ("grey", 2000, 0.551 / 0.226), ("grey", 2500, 0.551 / 0.226),
+                          ("grey", 500, (0.5 - 0.449) / 0.226),
+                          ("imagenet", -1000, 0.0), ("imagenet", -3024, 0.0),
+                          ("imagenet", 2000, 1.0), ("imagenet", 500, 0.5)],
+                         ids=["grey-air", "grey-scanner-padding", "grey-top", "grey-above-window",
+                              "grey-middle", "imagenet-air", "imagenet-scanner-padding",
+                              "imagenet-top", "imagenet-middle"])
+def test_hu_window_and_normalisation_by_hand(input_norm: str, hu: float, expected: float) -> None:
     ct, mask = _blocks()
     ct[20, 20, 20] = hu  # a background voxel
-    regions = make_regions(_scan(ct, mask), NATIVE)
+    regions = make_regions(_scan(ct, mask), ExtractionConfig.seed(input_norm=input_norm))
     assert regions.volumes["background"][20, 20, 20] == pytest.approx(expected, abs=1e-5)
 
 
@@ -50,6 +55,21 @@ def test_each_region_keeps_only_its_voxels() -> None:
         assert volume.shape == ct.shape and volume.dtype == np.float32
         assert np.all(volume[mask != label] == pytest.approx(air))
         assert np.all(volume[mask == label] > air)
+
+
+def test_background_is_label_0_inside_the_body() -> None:
+    ct, mask = _blocks()
+    ct[:, 38, 10:30] = 150.0  # a couch under the leg: well under 10% of the body
+    regions = make_regions(_scan(ct, mask), ExtractionConfig(spacing_mm=None, margin_mm=0.0,
+                                                             min_size=1))
+    volume, members = regions.region("background")
+    box = regions.boxes["background"]
+    assert box == ((5, 35), (5, 35), (5, 35))  # the body: the couch and the air are not in it
+    body = np.zeros(ct.shape, dtype=bool)
+    body[5:35, 5:35, 5:35] = True
+    expected = (body & (mask == 0))[5:35, 5:35, 5:35]
+    np.testing.assert_array_equal(members, expected)
+    assert np.all(volume[~members] == 0.0) and np.all(volume[members] > 0.0)  # air outside
 
 
 def test_crop_boxes_add_the_margin_and_stay_inside() -> None:
@@ -85,10 +105,10 @@ def test_body_crop_drops_the_couch_and_keeps_two_legs() -> None:
 
 def test_resampling_to_1mm_changes_the_grid_not_the_anatomy() -> None:
     ct, mask = _blocks((40, 40, 40))
-    regions = make_regions(_scan(ct, mask, (0.5, 0.5, 0.5)),
-                           ExtractionConfig(spacing_mm=1.0, crop=CropMode.NONE))
+    config = ExtractionConfig(spacing_mm=1.0, crop=CropMode.NONE)
+    regions = make_regions(_scan(ct, mask, (0.5, 0.5, 0.5)), config)
     assert regions.grid_shape == (20, 20, 20) and regions.spacing_mm == (1.0, 1.0, 1.0)
-    femur = regions.volumes["femur"] > NATIVE.air_value
+    femur = regions.volumes["femur"] > config.air_value
     assert femur.sum() == pytest.approx(5 * 10 * 10, rel=0.25)
 
 

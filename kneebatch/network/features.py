@@ -1,5 +1,7 @@
 """Features stage: one region through the network with ``ForwardOptions``, forward hooks on the
-chosen layers, 3D global average pooling of each."""
+chosen layers, and each hooked layer pooled to a vector: averaged over the region's voxels (the
+region mask averaged down to the layer's grid gives each position its weight) or over the whole
+input."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kneebatch.network.lean import lean_forward
@@ -40,6 +43,24 @@ def network_in(network: nn.Module, memory_format: torch.memory_format,
         return copies[(memory_format, dtype)]
 
 
+def pool(output: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """One vector per channel of a layer's ``output`` (N, C, D, H, W), in float32.
+
+    Args:
+        output: the layer's activations.
+        region: None to average over every position; else the region's voxels on the input grid
+            (N, 1, D', H', W'), float32 0/1: averaged down to the layer's grid (each output position
+            gets the fraction of its input block that is region), it weights the average.
+    """
+    if region is None:
+        return output.mean(dim=(2, 3, 4), dtype=torch.float32)
+    depth, height, width = output.shape[2:]
+    weight = F.adaptive_avg_pool3d(region, (depth, height, width)).flatten(1)  # (N, D*H*W)
+    # (N, C, D*H*W) @ (N, D*H*W, 1): a view for both layouts, no product tensor of the layer's size
+    summed = torch.matmul(output.flatten(2).to(torch.float32), weight[:, :, None])[..., 0]
+    return summed / weight.sum(dim=1, keepdim=True)
+
+
 def extract_features(
     network: nn.Sequential,
     volume: np.ndarray,
@@ -47,29 +68,40 @@ def extract_features(
     options: ForwardOptions = FAST,
     *,
     dtype: torch.dtype = torch.float32,
+    region: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Run one region through the network and pool the hooked layers.
 
     Args:
         network: the inflated ``densenet121().features`` (eval mode).
-        volume: normalised region, float32, (z, y, x).
+        volume: the region's network input, float32, (z, y, x).
         layers: names of ``network``'s children to hook, e.g. ``("denseblock2",)``.
         options: the fast path's switches (all agree with the plain path to float32 rounding).
         dtype: weights and activations (``torch.bfloat16`` for ``--precision bf16``); pooling
             is done in float32 either way.
+        region: bool (z, y, x) like ``volume``, the region's voxels: each layer is averaged over
+            them only (``--pooling region``). None averages over the whole input.
 
     Returns:
-        layer -> float32 vector (the layer's channels averaged over depth, height and width), and the
-        forward time in seconds.
+        layer -> float32 vector (the layer's channels averaged over depth, height and width, or
+        over the region), and the forward time in seconds.
+
+    Raises:
+        ValueError: ``region`` has no voxels or another shape than ``volume``.
     """
+    weights = None
+    if region is not None:
+        if region.shape != volume.shape or not region.any():
+            raise ValueError(f"region mask of shape {region.shape} with {int(region.sum())} "
+                             f"voxels for a volume of shape {volume.shape}")
+        weights = torch.from_numpy(region.astype(np.float32))[None, None]
     fmt = torch.channels_last_3d if options.channels_last else torch.contiguous_format
     net = network_in(network, fmt, dtype)
     pooled: dict[str, torch.Tensor] = {}
     children = dict(net.named_children())
     handles = [
         children[name].register_forward_hook(
-            lambda _m, _i, out, name=name: pooled.__setitem__(
-                name, out.mean(dim=(2, 3, 4), dtype=torch.float32)))
+            lambda _m, _i, out, name=name: pooled.__setitem__(name, pool(out, weights)))
         for name in layers
     ]
     deepest = max(list(children).index(name) for name in layers)

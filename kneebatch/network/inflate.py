@@ -93,13 +93,33 @@ def inflate(module: nn.Module) -> nn.Module:
     return module
 
 
-def collapse_input_channels(conv: nn.Conv2d | nn.Conv3d) -> None:
-    """Make ``conv`` take one channel by summing its kernels over the input channels (in place).
+def collapse_input_channels(conv: nn.Conv2d | nn.Conv3d,
+                            mean: tuple[float, ...] | None = None,
+                            std: tuple[float, ...] | None = None) -> None:
+    """Make ``conv`` take one grey channel (in place).
 
-    A gray image fed to all three RGB channels gives the same output as the summed kernel on the gray
-    image alone, so ImageNet weights keep their meaning on CT.
+    With ``mean`` and ``std`` (per input channel, e.g. ImageNet's), the normalisation
+    ``(g - m_c) / s_c`` that the 2D network's input had is folded in exactly: a grey image ``g``
+    fed to every channel gives ``sum_c w_c * (g - m_c) / s_c = (sum_c w_c / s_c) * g - sum_c
+    w_c m_c / s_c``, so the weight becomes ``sum_c w_c / s_c`` and the bias ``-sum_{c,k} w_c[k]
+    m_c / s_c`` (summed over the kernel too). Its input is then the un-normalised grey value, and
+    the convolution's zero padding means black (for CT: air), not the mean colour.
+
+    Without them the kernels are summed and there is no bias (the seed's: the input is normalised
+    with one grey mean and std before, and zero padding is that grey mean).
     """
     with torch.no_grad():
-        summed = conv.weight.sum(dim=1, keepdim=True)
+        weight = conv.weight.to(torch.float64)
+        bias = None
+        if mean is not None and std is not None:
+            s = torch.tensor(std, dtype=torch.float64).reshape(1, -1, *[1] * (weight.dim() - 2))
+            m = torch.tensor(mean, dtype=torch.float64).reshape(1, -1, *[1] * (weight.dim() - 2))
+            bias = -(weight * m / s).flatten(1).sum(dim=1)
+            weight = weight / s
+        summed = weight.sum(dim=1, keepdim=True).to(conv.weight.dtype)
+        if conv.bias is not None and bias is not None:
+            bias = bias + conv.bias.to(torch.float64)
     conv.in_channels = 1
-    conv.weight = nn.Parameter(summed)
+    conv.weight = nn.Parameter(summed, requires_grad=False)
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.to(summed.dtype), requires_grad=False)

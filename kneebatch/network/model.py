@@ -27,7 +27,10 @@ from kneebatch.errors import WeightsError
 from kneebatch.network.inflate import collapse_input_channels, inflate
 from kneebatch.network.lean import make_lean
 
-ARCHITECTURE = "densenet121-inflated-3d-1ch"
+# The file holds the inflated network with conv0's three colour channels; each load collapses conv0
+# to one grey channel the way the extraction settings ask (``input_norm``). Files of the older
+# "densenet121-inflated-3d-1ch" (conv0 summed when built) cannot do the exact ImageNet fold.
+ARCHITECTURE = "densenet121-inflated-3d"
 # Old torchvision checkpoints name DenseNet's layers "norm.1"; torchvision renames them on load, and
 # so must we for a .pth given by path.
 _OLD_KEYS = re.compile(
@@ -66,8 +69,26 @@ def _architecture() -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         features = densenet121(weights=None).features
         inflate(features)
-    collapse_input_channels(_conv0(features))
     return features.eval()
+
+
+def imagenet_mean_std() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's per-channel mean and std, as torchvision's DenseNet121 weights normalise."""
+    transform = DenseNet121_Weights.IMAGENET1K_V1.transforms()
+    return tuple(transform.mean), tuple(transform.std)
+
+
+def grey_input(features: nn.Sequential, input_norm: str) -> nn.Sequential:
+    """Collapse conv0 of an inflated network to one grey channel (in place; see
+    ``collapse_input_channels``): ``imagenet`` folds ImageNet's per-channel normalisation in
+    exactly (input in [0, 1]), ``grey`` sums the kernels (input normalised with one grey mean/std).
+    """
+    if input_norm == "imagenet":
+        mean, std = imagenet_mean_std()
+        collapse_input_channels(_conv0(features), mean, std)
+    else:
+        collapse_input_channels(_conv0(features))
+    return features
 
 
 def _rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,7 +142,8 @@ def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequent
         seed: seed of the random weights.
 
     Returns:
-        The network (eval mode) and a string naming the weights that produced it.
+        The network (eval mode, conv0 still with three colour channels: ``grey_input`` makes it
+        take CT) and a string naming the weights that produced it.
 
     Raises:
         WeightsError: the weights cannot be downloaded or loaded.
@@ -132,7 +154,6 @@ def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequent
         features = net2d.features
         assert isinstance(features, nn.Sequential)  # torchvision's DenseNet layout
         inflate(features)
-    collapse_input_channels(_conv0(features))
     return features.eval(), source
 
 
@@ -210,6 +231,17 @@ def _not_ours(path: Path, why: str) -> WeightsError:
         "model3d_state_dict.pth`.")
 
 
+def _our_model_info(path: Path) -> ModelInfo:
+    info = read_model_info(path)
+    if info.architecture != ARCHITECTURE:
+        raise WeightsError(
+            f"Model file {path} was built by an older kneebatch (layout {info.architecture!r}, "
+            f"this one needs {ARCHITECTURE!r}: conv0 keeps its three colour channels so ImageNet's "
+            f"normalisation can be folded in exactly). Rebuild it once: `kneebatch build-model "
+            f"--weights {info.weights.split(':')[0]} --out {path}`.")
+    return info
+
+
 def check_model_file(path: Path) -> ModelInfo:
     """Check a model file before any compute: sidecar, sha256, and the tensors it holds (names
     and shapes of the 3D network's state dict; memory-mapped, nothing is loaded).
@@ -217,7 +249,7 @@ def check_model_file(path: Path) -> ModelInfo:
     Raises:
         WeightsError: the file is missing, changed, or not a kneebatch model.
     """
-    info = read_model_info(path)
+    info = _our_model_info(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
@@ -232,15 +264,17 @@ def check_model_file(path: Path) -> ModelInfo:
     return info
 
 
-def load_model(path: Path) -> LoadedModel:
-    """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked)."""
-    info = read_model_info(path)
+def load_model(path: Path, input_norm: str = "imagenet") -> LoadedModel:
+    """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked), conv0
+    collapsed to one grey channel as ``input_norm`` says (see ``grey_input``)."""
+    info = _our_model_info(path)
     network = _architecture()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as exc:  # torch raises many types for a bad checkpoint
         raise _not_ours(path, str(exc)[:300]) from exc
+    grey_input(network, input_norm)
     for param in network.parameters():
         param.requires_grad_(False)
     make_lean(network)  # same weights and numbers, a fraction of the peak memory
@@ -277,20 +311,21 @@ _loads = 0
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(path: str, mtime_ns: int) -> LoadedModel:
+def _cached(path: str, mtime_ns: int, input_norm: str) -> LoadedModel:
     global _loads
     _loads += 1
-    return load_model(Path(path))
+    return load_model(Path(path), input_norm)
 
 
-def get_model(path: Path) -> LoadedModel:
-    """The model of ``path``, loaded once per process and reused (reloaded if the file changes)."""
+def get_model(path: Path, input_norm: str = "imagenet") -> LoadedModel:
+    """The model of ``path`` with conv0 for ``input_norm``, loaded once per process and reused
+    (reloaded if the file changes)."""
     resolved = path.resolve()
     try:
         mtime_ns = resolved.stat().st_mtime_ns
     except OSError:
         mtime_ns = -1  # load_model raises the helpful error
-    return _cached(str(resolved), mtime_ns)
+    return _cached(str(resolved), mtime_ns, input_norm)
 
 
 def model_loads() -> int:
