@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import logging
 import math
 import os
@@ -277,6 +278,35 @@ def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[
     return labels, warnings
 
 
+def _axis_aligned(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image
+                  ) -> tuple[sitk.Image, sitk.Image, str | None]:
+    """CT and mask on an axis-aligned grid: themselves when their direction (after the
+    reorientation to LPS) is the identity; else both resampled, with their real direction, onto
+    an axis-aligned grid of the same spacing covering the whole scan (CT linear with air outside,
+    mask nearest neighbour), and a warning naming the angle. A tilted gantry or rotated scan is
+    therefore never taken for an axis-aligned one."""
+    direction = np.array(ct.GetDirection()).reshape(3, 3)
+    if np.allclose(direction, np.eye(3), rtol=0, atol=DIRECTION_TOL):
+        return ct, mask, None
+    cosine = np.clip((np.trace(direction) - 1) / 2, -1.0, 1.0)  # rotation angle from identity
+    angle = math.degrees(math.acos(cosine))
+    spacing = np.array(ct.GetSpacing())
+    corners = np.array([ct.TransformContinuousIndexToPhysicalPoint(corner) for corner in
+                        itertools.product(*[(-0.5, n - 0.5) for n in ct.GetSize()])])
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    grid = sitk.Image([int(n) for n in np.ceil((high - low) / spacing - 1e-6)], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetOrigin((low + spacing / 2).tolist())
+    ct = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, ct.GetPixelID())
+    mask = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         mask.GetPixelID())
+    warning = (f"the scan is oblique ({angle:.1f} degrees from the axis-aligned LPS grid): CT "
+               "(linear) and mask (nearest) were resampled onto an axis-aligned grid of the same "
+               "spacing")
+    log.warning("Subject %s: %s", spec.subject_id, warning)
+    return ct, mask, warning
+
+
 def load_scan(spec: SubjectSpec, config: ExtractionConfig,
               read_timeout_s: float = READ_TIMEOUT_S) -> Scan:
     """Read, check and reorient one subject's CT and mask.
@@ -287,7 +317,8 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
         read_timeout_s: give up on a file that gives no answer for this long.
 
     Returns:
-        The scan in LPS, (z, y, x), left knees mirrored along x.
+        The scan in LPS on an axis-aligned grid (oblique scans resampled), (z, y, x), left
+        knees mirrored along x.
 
     Raises:
         InputImageError, GeometryError: see ``read_image`` and ``match_mask_grid``; also NaN/inf in
@@ -299,12 +330,15 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.GetDirection())
     ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
     mask = sitk.DICOMOrient(mask, "LPS")
+    ct, mask, oblique = _axis_aligned(spec, ct, mask)
     ct_hu = sitk.GetArrayFromImage(ct)
     if not np.all(np.isfinite(ct_hu)):
         bad = int(np.count_nonzero(~np.isfinite(ct_hu)))
         raise _fail(spec, "CT", spec.ct, f"holds {bad} NaN or infinite voxels",
                     "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
     labels, warnings = _mask_labels(spec, mask)
+    if oblique:
+        warnings.insert(0, oblique)
     if spec.side == "L":
         ct_hu = np.ascontiguousarray(ct_hu[:, :, ::-1])
         labels = np.ascontiguousarray(labels[:, :, ::-1])

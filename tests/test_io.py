@@ -212,3 +212,39 @@ def test_dicom_folders_with_no_or_two_series_are_refused(tmp_path: Path) -> None
         f.rename(two / f.name)
     with pytest.raises(InputImageError, match="2 DICOM series"):
         load_scan(_spec(two, tmp_path / "mask.nii.gz"), CONFIG)
+
+
+def _tibia_to_femur_mm(ct_path: Path, mask_path: Path) -> np.ndarray:
+    scan = load_scan(_spec(ct_path, mask_path, "R"), ExtractionConfig())
+    centres = [np.argwhere(scan.mask == label).mean(axis=0) * scan.spacing_mm for label in (1, 2)]
+    return (centres[1] - centres[0]) / np.linalg.norm(centres[1] - centres[0])  # (z, y, x)
+
+
+def test_an_oblique_scan_is_resampled_onto_an_axis_aligned_grid(tmp_path: Path) -> None:
+    # The same knee stored on a grid tilted 20 degrees about the L-R axis (a tilted gantry): its
+    # voxel array is rotated, its direction says so. Read as axis-aligned, the femur would sit 20
+    # degrees off the tibia's axis.
+    ct, mask = _phantom()
+    tilt = np.radians(20.0)
+    rotation = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)],
+                         [0, np.sin(tilt), np.cos(tilt)]])
+    size, spacing = np.array(ct.GetSize()), np.array(ct.GetSpacing())
+    centre = np.array(ct.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    grid = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetDirection(rotation.ravel().tolist())
+    grid.SetOrigin((centre - rotation @ ((size - 1) / 2 * spacing)).tolist())
+    tilted_ct = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, ct.GetPixelID())
+    tilted_mask = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                mask.GetPixelID())
+    paths = {}
+    for name, images in (("straight", (ct, mask)), ("tilted", (tilted_ct, tilted_mask))):
+        paths[name] = (tmp_path / f"{name}_ct.nii.gz", tmp_path / f"{name}_mask.nii.gz")
+        for image, path in zip(images, paths[name], strict=True):
+            sitk.WriteImage(image, str(path))
+    straight = _tibia_to_femur_mm(*paths["straight"])
+    tilted = _tibia_to_femur_mm(*paths["tilted"])
+    angle = np.degrees(np.arccos(np.clip(straight @ tilted, -1, 1)))
+    assert angle < 2.0, f"the tilted scan's bones are {angle:.1f} degrees off"
+    warnings = load_scan(_spec(*paths["tilted"], "R"), ExtractionConfig()).warnings
+    assert any("oblique (20.0 degrees" in w for w in warnings)
