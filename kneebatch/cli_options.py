@@ -4,9 +4,9 @@ SLURM worker jobs, and the values they build. Configures argparse only; ``cli`` 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kneebatch.config import DEFAULT_LAYERS, LAYERS, CropMode, ExtractionConfig
+from kneebatch.config import DEFAULT_LAYERS, INPUT_NORMS, LAYERS, POOLINGS, CropMode, ExtractionConfig
 from kneebatch.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     from kneebatch.network.options import ForwardOptions
 
 
-def _spacing(value: str) -> float | None:
+def _spacing(value: str) -> float | str:
     if value == "native":
-        return None
+        return value
     try:
         return float(value)
     except ValueError:
@@ -25,17 +25,30 @@ def _spacing(value: str) -> float | None:
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("extraction settings (recorded in every output)")
-    group.add_argument("--spacing", type=_spacing, default=1.0, metavar="MM|native",
+    group = parser.add_argument_group(
+        "extraction settings (recorded in every output; an option given wins over --preset)")
+    group.add_argument("--preset", choices=["default", "seed"], default="default",
+                       help="seed: every seed-fidelity choice at once (--spacing native --crop "
+                            "none --pooling crop --input-norm grey) (default: default)")
+    group.add_argument("--spacing", type=_spacing, default=None, metavar="MM|native",
                        help="isotropic resampling in mm, or 'native' (default: 1.0)")
-    group.add_argument("--crop", choices=[c.value for c in CropMode], default="bbox",
+    group.add_argument("--crop", choices=[c.value for c in CropMode], default=None,
                        help="bbox: label box / body + margin (default); none: whole volume")
-    group.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                       help=f"comma-separated, from {','.join(LAYERS)} (default: %(default)s)")
+    group.add_argument("--margin-mm", type=float, default=None, metavar="MM",
+                       help="margin around each crop box (default: 10)")
+    group.add_argument("--pooling", choices=list(POOLINGS), default=None,
+                       help="region: each layer averaged over its region's voxels only "
+                            "(default); crop: over the whole network input")
+    group.add_argument("--input-norm", choices=list(INPUT_NORMS), default=None,
+                       help="imagenet: ImageNet's per-channel mean/std folded into conv0, air "
+                            "padding (default); grey: the seed's one grey mean/std")
+    group.add_argument("--layers", default=None,
+                       help=f"comma-separated, from {','.join(LAYERS)} "
+                            f"(default: {','.join(DEFAULT_LAYERS)})")
     group.add_argument("--resample-mask", action="store_true",
                        help="put a mask on another grid onto the CT grid (nearest neighbour) "
                             "instead of failing the subject")
-    group.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+    group.add_argument("--precision", choices=["float32", "bf16"], default=None,
                        help="forward pass in float32 (default) or bfloat16 (CPUs with "
                             "AVX512-BF16/AMX; pooling and cosines stay float32)")
 
@@ -49,9 +62,16 @@ def add_read_timeout(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
-    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
-    return ExtractionConfig(spacing_mm=args.spacing, crop=CropMode(args.crop), layers=layers,
-                            resample_mask=args.resample_mask, precision=args.precision)
+    given: dict[str, Any] = {"resample_mask": args.resample_mask}
+    if args.spacing is not None:
+        given["spacing_mm"] = None if args.spacing == "native" else args.spacing
+    if args.layers is not None:
+        given["layers"] = tuple(x.strip() for x in args.layers.split(",") if x.strip())
+    for option, field in (("crop", "crop"), ("margin_mm", "margin_mm"), ("pooling", "pooling"),
+                          ("input_norm", "input_norm"), ("precision", "precision")):
+        if getattr(args, option) is not None:
+            given[field] = getattr(args, option)
+    return ExtractionConfig.seed(**given) if args.preset == "seed" else ExtractionConfig(**given)
 
 
 def add_plain_forward(parser: argparse.ArgumentParser) -> None:

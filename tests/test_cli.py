@@ -71,14 +71,31 @@ def test_files_hold_what_the_in_memory_api_computes(
         r.cosine for r in result.rows]
 
 
-def test_seed_semantics_feed_the_whole_native_volume(
+def test_preset_seed_feeds_the_whole_native_volume(
         knee: tuple[Path, Path], tmp_path: Path, model_path: Path) -> None:
-    assert _extract(knee, tmp_path / "out", model_path, "--spacing", "native", "--crop",
-                    "none") == 0
+    assert _extract(knee, tmp_path / "out", model_path, "--preset", "seed") == 0
     done = json.loads((tmp_path / "out" / "subjects" / "k1" / "done.json").read_text())
     assert done["shapes"] == {r: list(SMALL_SHAPE) for r in ("tibia", "femur", "background")}
-    assert done["config"]["spacing_mm"] is None and done["config"]["crop"] == "none"
+    assert done["config"] == ExtractionConfig.seed().to_dict()
+    assert (done["config"]["spacing_mm"], done["config"]["crop"], done["config"]["pooling"],
+            done["config"]["input_norm"]) == (None, "none", "crop", "grey")
     assert done["config_hash"] != ExtractionConfig().hash()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], ExtractionConfig()),
+     (["--preset", "seed", "--spacing", "1.5"], ExtractionConfig.seed(spacing_mm=1.5)),
+     (["--margin-mm", "30", "--pooling", "crop"], ExtractionConfig(margin_mm=30.0, pooling="crop")),
+     (["--spacing", "native", "--input-norm", "grey"],
+      ExtractionConfig(spacing_mm=None, input_norm="grey"))],
+    ids=["defaults", "preset-with-override", "margin-and-pooling", "native-grey"])
+def test_settings_from_the_command_line(argv: list[str], expected: ExtractionConfig) -> None:
+    from kneebatch.cli import build_parser
+    from kneebatch.cli_options import config_from_args
+
+    args = build_parser().parse_args(["validate", "m.csv", *argv])
+    assert config_from_args(args) == expected
 
 
 def test_a_bad_subject_exits_1_writes_nothing_and_names_the_file(
