@@ -38,7 +38,7 @@ from kneebatch.key import subject_key
 from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
 from kneebatch.network.model import check_model_file, file_sha256
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
-from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record
+from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record, unwritable
 from kneebatch.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.store import State, result_state
 from kneebatch.subject import SubjectOutcome, process_subject
@@ -230,7 +230,10 @@ def run_cohort(
     if changed:
         log.info("redoing %d subject(s) whose inputs, settings or result files changed", changed)
     save_row_problems(out, problems, run_id)
-    write_failures_csv(out, current_failures(out, keys))
+    try:
+        write_failures_csv(out, current_failures(out, keys))
+    except OSError as exc:
+        raise unwritable(out, exc) from exc
     record = RunRecord(
         run_id=run_id, started=started.isoformat(timespec="seconds"),
         config_hash=config_hash, config=config.to_dict(), model_sha256=info.sha256,
@@ -356,8 +359,12 @@ def _consume(connection: Connection, todo: list[SubjectSpec],
                 on_progress(outcome)
         now = time.monotonic()
         if stale_csv and now - last_csv > FAILURES_EVERY_S:
-            write_failures_csv(out, current_failures(out, subjects))
-            stale_csv, last_csv = False, now
+            last_csv = now
+            try:
+                write_failures_csv(out, current_failures(out, subjects))
+                stale_csv = False
+            except OSError as exc:  # e.g. the disk is full: kept stale, tried again later
+                log.warning("cannot update %s: %s", out / "failures.csv", exc)
         if waiting and now - last_check > 1.0:
             last_check = now
             free = [s for s in waiting if holder(out, s.subject_id) is None]
