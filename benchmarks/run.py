@@ -99,7 +99,7 @@ def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]
 
     configure_compute(usable_cpus())
     config = ExtractionConfig.seed() if native else ExtractionConfig()
-    loaded = get_model(Path(model), config.input_norm)
+    loaded = get_model(Path(model), config.input_norm, config.conv_padding)
     spec = SubjectSpec("bench", Path(ct), Path(mask), "R")
     start = time.perf_counter()
     result = compute_subject(spec, config, loaded)

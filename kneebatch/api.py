@@ -40,7 +40,8 @@ def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
     """
     spec = subject_spec(subject_id, ct, mask, side)
     config = config or ExtractionConfig()
-    return compute_subject(spec, config, get_model(Path(model_path), config.input_norm))
+    model = get_model(Path(model_path), config.input_norm, config.conv_padding)
+    return compute_subject(spec, config, model)
 
 
 def read_results(out: Path | str) -> Results:

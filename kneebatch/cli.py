@@ -89,7 +89,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     compute_dtype(config.precision)
     model_path = _model_path(args)
     # A bad model file is a usage error (exit 2), not a subject's.
-    model = get_model(model_path, config.input_norm)
+    model = get_model(model_path, config.input_norm, config.conv_padding)
     claim_out(args.out)
     check_settings(args.out, SettingsRecord(config.hash(), model.info.sha256, model.info.weights,
                                             config.to_dict()), overwrite=args.overwrite)

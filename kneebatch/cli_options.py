@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from kneebatch.config import DEFAULT_LAYERS, INPUT_NORMS, LAYERS, POOLINGS, CropMode, ExtractionConfig
+from kneebatch.config import (
+    CONV_PADDINGS,
+    DEFAULT_LAYERS,
+    INPUT_NORMS,
+    LAYERS,
+    POOLINGS,
+    CropMode,
+    ExtractionConfig,
+)
 from kneebatch.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -29,7 +37,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         "extraction settings (recorded in every output; an option given wins over --preset)")
     group.add_argument("--preset", choices=["default", "seed"], default="default",
                        help="seed: every seed-fidelity choice at once (--spacing native --crop "
-                            "none --pooling crop --input-norm grey) (default: default)")
+                            "none --pooling crop --input-norm grey --conv-padding zeros) "
+                            "(default: default)")
     group.add_argument("--spacing", type=_spacing, default=None, metavar="MM|native",
                        help="isotropic resampling in mm, or 'native' (default: 1.0)")
     group.add_argument("--crop", choices=[c.value for c in CropMode], default=None,
@@ -42,6 +51,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--input-norm", choices=list(INPUT_NORMS), default=None,
                        help="imagenet: ImageNet's per-channel mean/std folded into conv0, air "
                             "padding (default); grey: the seed's one grey mean/std")
+    group.add_argument("--conv-padding", choices=list(CONV_PADDINGS), default=None,
+                       help="how convolutions after conv0 pad: replicate (a crop face looks "
+                            "like more air; default) or zeros (torchvision's)")
     group.add_argument("--layers", default=None,
                        help=f"comma-separated, from {','.join(LAYERS)} "
                             f"(default: {','.join(DEFAULT_LAYERS)})")
@@ -68,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
     if args.layers is not None:
         given["layers"] = tuple(x.strip() for x in args.layers.split(",") if x.strip())
     for option, field in (("crop", "crop"), ("margin_mm", "margin_mm"), ("pooling", "pooling"),
-                          ("input_norm", "input_norm"), ("precision", "precision")):
+                          ("input_norm", "input_norm"), ("conv_padding", "conv_padding"),
+                          ("precision", "precision")):
         if getattr(args, option) is not None:
             given[field] = getattr(args, option)
     return ExtractionConfig.seed(**given) if args.preset == "seed" else ExtractionConfig(**given)

@@ -24,6 +24,7 @@ DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
 PRECISIONS = ("float32", "bf16")
 INPUT_NORMS = ("imagenet", "grey")
 POOLINGS = ("region", "crop")
+CONV_PADDINGS = ("replicate", "zeros")
 REGIONS = ("tibia", "femur", "background")
 PAIRS = (("tibia", "femur"), ("tibia", "background"), ("femur", "background"))
 LABELS = {"tibia": 1, "femur": 2}
@@ -68,6 +69,9 @@ class ExtractionConfig:
             padding is air; ``grey``: the seed's one grey ``(x - mean) / std`` before conv0's
             summed kernels (zero padding is then mid-grey, not air).
         mean, std: the grey normalisation of ``input_norm="grey"``.
+        conv_padding: how every convolution after conv0 pads its input: ``replicate`` (the
+            activations at the crop's face, which is air, continue: a crop face looks like more
+            air) or ``zeros`` (torchvision's: a wall of zero activations at every face).
         pooling: ``region``: each hooked layer averaged over its region's voxels only (the
             region mask averaged down to the layer's grid as weights); ``crop``: averaged over the
             whole network input.
@@ -91,6 +95,7 @@ class ExtractionConfig:
     mean: float = 0.449
     std: float = 0.226
     pooling: str = "region"
+    conv_padding: str = "replicate"
     antialias: bool = True
     margin_mm: float = 10.0
     body_threshold_hu: float = -500.0
@@ -117,6 +122,7 @@ class ExtractionConfig:
         parse_choice(self.precision, PRECISIONS, "precision")
         parse_choice(self.input_norm, INPUT_NORMS, "input normalisation")
         parse_choice(self.pooling, POOLINGS, "pooling")
+        parse_choice(self.conv_padding, CONV_PADDINGS, "convolution padding")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"Layers repeat: {', '.join(self.layers)}.")
         # Network order, so a given set of layers always hashes and stores the same way.
@@ -126,10 +132,10 @@ class ExtractionConfig:
     @classmethod
     def seed(cls, **overrides: Any) -> ExtractionConfig:
         """``--preset seed``: every seed-fidelity choice at once (native spacing, no crop, crop
-        pooling, one grey mean/std with conv0's summed kernels and zero padding); ``overrides``
-        win."""
+        pooling, one grey mean/std with conv0's summed kernels, zero padding everywhere);
+        ``overrides`` win."""
         values: dict[str, Any] = {"spacing_mm": None, "crop": CropMode.NONE, "pooling": "crop",
-                                  "input_norm": "grey"}
+                                  "input_norm": "grey", "conv_padding": "zeros"}
         return cls(**(values | overrides))
 
     @property

@@ -237,7 +237,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
     stage = ["model"]
     start = time.perf_counter()
     try:
-        model = get_model(model_path, config.input_norm)
+        model = get_model(model_path, config.input_norm, config.conv_padding)
         key = subject_key(spec, config.hash(), model.info.sha256)
         with claim(out, spec.subject_id, run_id) as held:
             if not held:

@@ -71,3 +71,33 @@ def test_an_empty_region_is_refused(model_path: Path) -> None:
     volume = np.zeros((32, 32, 32), dtype=np.float32)
     with pytest.raises(ValueError, match="0 voxels"):
         extract_features(network, volume, ("denseblock2",), region=np.zeros(volume.shape, bool))
+
+
+@pytest.mark.parametrize("layer", ["denseblock2", "denseblock3"])
+def test_more_air_beyond_the_crop_face_barely_moves_a_replicate_padded_vector(
+        model_path: Path, layer: str) -> None:
+    # The same region cropped with 8 or 24 voxels of air around it (a 10 against a 30 mm
+    # margin): zero padding shows a wall of zero activations at the near crop face, replicate
+    # padding continues the air there.
+    rng = np.random.default_rng(2)
+    tight = np.zeros((48, 48, 48), dtype=np.float32)
+    region = np.zeros(tight.shape, dtype=bool)
+    region[8:40, 8:40, 8:40] = True
+    tight[region] = rng.uniform(0.3, 0.7, size=int(region.sum()))
+    loose, loose_region = np.pad(tight, 16), np.pad(region, 16)
+    moved = {}
+    for padding in ("zeros", "replicate"):
+        network = load_model(model_path, conv_padding=padding).network
+        a, _ = extract_features(network, tight, (layer,), region=region)
+        b, _ = extract_features(network, loose, (layer,), region=loose_region)
+        moved[padding] = 1 - float(a[layer] @ b[layer] / np.linalg.norm(a[layer])
+                                   / np.linalg.norm(b[layer]))
+    assert moved["replicate"] < 0.25 * moved["zeros"], moved
+
+
+def test_conv_padding_reaches_every_convolution_but_conv0(model_path: Path) -> None:
+    network = load_model(model_path, conv_padding="replicate").network
+    modes = {name: m.padding_mode for name, m in network.named_modules()
+             if isinstance(m, torch.nn.Conv3d) and any(m.padding)}
+    assert modes.pop("conv0") == "zeros"  # air, with the ImageNet fold
+    assert len(modes) == 58 and set(modes.values()) == {"replicate"}

@@ -264,9 +264,20 @@ def check_model_file(path: Path) -> ModelInfo:
     return info
 
 
-def load_model(path: Path, input_norm: str = "imagenet") -> LoadedModel:
+def set_conv_padding(features: nn.Sequential, mode: str) -> nn.Sequential:
+    """Pad every convolution after conv0 with ``mode`` (``replicate`` or ``zeros``; in place).
+    conv0 keeps its zeros: with the ImageNet fold, that is air."""
+    for name, module in features.named_modules():
+        if isinstance(module, nn.Conv3d) and name != "conv0" and any(module.padding):
+            module.padding_mode = mode  # type: ignore[assignment]  # checked by the config
+    return features
+
+
+def load_model(path: Path, input_norm: str = "imagenet",
+               conv_padding: str = "replicate") -> LoadedModel:
     """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked), conv0
-    collapsed to one grey channel as ``input_norm`` says (see ``grey_input``)."""
+    collapsed to one grey channel as ``input_norm`` says (see ``grey_input``), the convolutions
+    after it padding with ``conv_padding``."""
     info = _our_model_info(path)
     network = _architecture()
     try:
@@ -275,6 +286,7 @@ def load_model(path: Path, input_norm: str = "imagenet") -> LoadedModel:
     except Exception as exc:  # torch raises many types for a bad checkpoint
         raise _not_ours(path, str(exc)[:300]) from exc
     grey_input(network, input_norm)
+    set_conv_padding(network, conv_padding)
     for param in network.parameters():
         param.requires_grad_(False)
     make_lean(network)  # same weights and numbers, a fraction of the peak memory
@@ -311,21 +323,22 @@ _loads = 0
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(path: str, mtime_ns: int, input_norm: str) -> LoadedModel:
+def _cached(path: str, mtime_ns: int, input_norm: str, conv_padding: str) -> LoadedModel:
     global _loads
     _loads += 1
-    return load_model(Path(path), input_norm)
+    return load_model(Path(path), input_norm, conv_padding)
 
 
-def get_model(path: Path, input_norm: str = "imagenet") -> LoadedModel:
-    """The model of ``path`` with conv0 for ``input_norm``, loaded once per process and reused
-    (reloaded if the file changes)."""
+def get_model(path: Path, input_norm: str = "imagenet",
+              conv_padding: str = "replicate") -> LoadedModel:
+    """The model of ``path`` for ``input_norm`` and ``conv_padding`` (see ``load_model``),
+    loaded once per process and reused (reloaded if the file changes)."""
     resolved = path.resolve()
     try:
         mtime_ns = resolved.stat().st_mtime_ns
     except OSError:
         mtime_ns = -1  # load_model raises the helpful error
-    return _cached(str(resolved), mtime_ns, input_norm)
+    return _cached(str(resolved), mtime_ns, input_norm, conv_padding)
 
 
 def model_loads() -> int:
