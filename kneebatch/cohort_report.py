@@ -1,5 +1,5 @@
-"""Report stage, per cohort: figures of the similarities and failures, and one self-contained
-``OUT/report/index.html`` with the run's provenance and the failure list.
+"""Report stage, per cohort: figures of the similarities, the cohort null and the failures, and one
+self-contained ``OUT/report/index.html`` with the run's provenance and the failure list.
 
 Everything reads the Parquet dataset; a 10,000-subject cohort renders in seconds (the heatmap is
 drawn for cohorts up to ``HEATMAP_MAX`` subjects, where one row per subject is still legible).
@@ -13,6 +13,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kneebatch.config import PAIRS
@@ -20,6 +21,7 @@ from kneebatch.records import RunRecord
 from kneebatch.store import write_bytes_atomic, write_text_atomic
 
 HEATMAP_MAX = 500
+NULL_MAX_SUBJECTS = 300  # across-knee pairs grow as n^2: a seeded sample of this many knees
 
 
 def _png(figure: object) -> bytes:
@@ -69,6 +71,51 @@ def heatmap(sims: pd.DataFrame) -> bytes | None:
     return _png(figure)
 
 
+def across_knee_cosines(features: pd.DataFrame, layer: str, region: str,
+                        max_subjects: int = NULL_MAX_SUBJECTS) -> np.ndarray:
+    """Cosines of one region's vectors between every two knees (of a seeded sample of at most
+    ``max_subjects`` knees) at ``layer``."""
+    part = features[(features["layer"] == layer) & (features["region"] == region)]
+    part = part.sort_values("subject_id")
+    if len(part) > max_subjects:
+        part = part.sample(max_subjects, random_state=0)
+    if len(part) < 2:
+        return np.empty(0)
+    vectors = np.stack(part["vector"].to_numpy()).astype(np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors @ vectors.T)[np.triu_indices(len(vectors), k=1)]
+
+
+def null_figure(sims: pd.DataFrame, features: pd.DataFrame) -> bytes | None:
+    """Per layer, on one y-axis: the cosines of different regions within a knee (the
+    similarities) against those of the same region across knees (the cohort null). Similarities
+    that separate anything sit clearly below the null; None with fewer than two knees."""
+    from matplotlib.figure import Figure
+
+    if features["subject_id"].nunique() < 2:
+        return None
+    layers = list(dict.fromkeys(sims["layer"]))
+    regions = list(dict.fromkeys(features["region"]))
+    figure = Figure(figsize=(4 * len(layers) + 1, 4.8), dpi=90)
+    axes = figure.subplots(1, len(layers), squeeze=False, sharey=True)[0]
+    pairs = _pair_names()
+    for ax, layer in zip(axes, layers, strict=True):
+        part = sims[sims["layer"] == layer]
+        within = [part.loc[part["pair"] == p, "cosine"].to_numpy() for p in pairs]
+        across = [across_knee_cosines(features, layer, r) for r in regions]
+        boxes = ax.boxplot(within + across, patch_artist=True, showfliers=False,
+                           tick_labels=[p.replace("-", "-\n") for p in pairs] + regions)
+        for i, patch in enumerate(boxes["boxes"]):
+            patch.set_facecolor("#f0ad4e" if i < len(pairs) else "#5bc0de")
+        ax.tick_params(axis="x", labelrotation=90)
+        ax.set_title(layer)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("cosine similarity")
+    figure.suptitle("orange: other region, same knee   |   blue: same region, other knee (null)")
+    figure.tight_layout()
+    return _png(figure)
+
+
 def failures_by_stage(failures: pd.DataFrame) -> bytes:
     """Bar chart of failed subjects per stage."""
     from matplotlib.figure import Figure
@@ -105,7 +152,11 @@ def write_cohort_report(out: Path) -> Path:
     failures_csv = out / "failures.csv"
     failures = pd.read_csv(failures_csv) if failures_csv.is_file() else pd.DataFrame(
         columns=["subject_id", "error", "stage"])
+    features = (pd.read_parquet(out / "features", columns=["subject_id", "region", "layer",
+                                                            "vector"])
+                if (out / "features").is_dir() else pd.DataFrame(columns=["subject_id"]))
     figures = {"cosine_by_layer.png": cosine_boxplot(sims) if len(sims) else None,
+               "null.png": null_figure(sims, features) if len(sims) else None,
                "heatmap.png": heatmap(sims) if len(sims) else None,
                "failures_by_stage.png": failures_by_stage(failures)}
     for name, data in figures.items():
@@ -133,6 +184,11 @@ def write_cohort_report(out: Path) -> Path:
     boxes, bars = figures["cosine_by_layer.png"], figures["failures_by_stage.png"]
     if boxes:
         body.append("<h2>Cosine similarity by layer</h2>" + _img(boxes, "cosine by layer"))
+    if figures["null.png"]:
+        body.append("<h2>Do the similarities separate anything?</h2><p>Cosine of different "
+                    "regions within a knee against the same region across knees (the cohort "
+                    "null). Where the two overlap, the similarities carry little beyond what "
+                    "every knee shares.</p>" + _img(figures["null.png"], "cohort null"))
     body.append("<h2>Per subject</h2>" + (_img(heat, "heatmap") if heat else
                 f"<p>{sims['subject_id'].nunique()} subjects: more than {HEATMAP_MAX}, no heatmap; "
                 "query the Parquet instead.</p>"))

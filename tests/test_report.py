@@ -11,7 +11,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from kneebatch.cli import main
-from kneebatch.cohort_report import HEATMAP_MAX, heatmap, write_cohort_report
+from kneebatch.cohort_report import HEATMAP_MAX, across_knee_cosines, heatmap, write_cohort_report
 from kneebatch.config import ExtractionConfig
 from kneebatch.io import load_scan
 from kneebatch.manifest import SubjectSpec
@@ -51,9 +51,11 @@ def test_cohort_figures_and_a_self_contained_page(reported: Path) -> None:
     _looks_like_a_picture(folder / "cosine_by_layer.png", 900, 300)
     _looks_like_a_picture(folder / "heatmap.png", 500, 200)
     _looks_like_a_picture(folder / "failures_by_stage.png", 400, 250)
+    _looks_like_a_picture(folder / "null.png", 900, 300)
     page = (folder / "index.html").read_text(encoding="utf-8")
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "the cohort null" in page
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "random:seed=0" in page and "RANDOM weights" in page
     assert "broken" in page and "gone.nii.gz: does not exist" in page
 
@@ -79,6 +81,18 @@ def _synthetic(subjects: int) -> pd.DataFrame:
     sims = pd.DataFrame(rows, columns=["subject_id", "layer", "region_a", "region_b", "cosine"])
     sims["pair"] = sims["region_a"] + "-" + sims["region_b"]
     return sims
+
+
+def test_across_knee_cosines_by_hand() -> None:
+    features = pd.DataFrame({
+        "subject_id": ["a", "b", "c", "a"], "layer": ["denseblock2"] * 4,
+        "region": ["tibia", "tibia", "tibia", "femur"],
+        "vector": [np.array([1.0, 0.0]), np.array([0.0, 2.0]), np.array([3.0, 3.0]),
+                   np.array([5.0, 5.0])]})
+    got = across_knee_cosines(features, "denseblock2", "tibia")
+    np.testing.assert_allclose(sorted(got), [0.0, 2 ** -0.5, 2 ** -0.5])  # a-b, a-c, b-c
+    assert len(across_knee_cosines(features, "denseblock2", "tibia", max_subjects=2)) == 1
+    assert len(across_knee_cosines(features, "denseblock2", "femur")) == 0
 
 
 def test_no_heatmap_above_the_legible_limit() -> None:
