@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from kneebatch.cli import entry
 
-from kneebatch.cli import main
-
-sys.exit(main())
+entry()

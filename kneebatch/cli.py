@@ -416,3 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("details")
         print(f"kneebatch: error: {exc.message}", file=sys.stderr)
         return EXIT_FAILED if exc.subject_failure else EXIT_USAGE
+
+
+def entry() -> None:
+    """The ``kneebatch`` command: ``main`` with a quick exit (the imported modules are kept out of
+    Python's final garbage collection, which otherwise walks them for seconds)."""
+    from kneebatch.runtime import freeze_imports
+
+    code = main()
+    freeze_imports()
+    sys.exit(code)
