@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="compute threads per worker (default: CPUs / workers; on a joined "
                         "scheduler: 1 per task slot)")
+    p.add_argument("--subjects-per-worker", type=int, default=2, metavar="N",
+                   help="subjects a local worker holds at once (default: 2: it reads the next "
+                        "while the current one runs through the network; 1: one after the other, "
+                        "less memory)")
     p.add_argument("--memory-per-worker", default=None, metavar="SIZE",
                    help="memory limit of each local worker, e.g. 4GB (default: the job's memory "
                         "/ workers); subjects predicted to need more are refused")

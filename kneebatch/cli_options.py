@@ -126,7 +126,8 @@ def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
     return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
                        scheduler_file=args.scheduler_file,
                        scheduler_address=args.scheduler_address, memory_limit_bytes=memory,
-                       slurm=slurm, dashboard=args.dashboard)
+                       slurm=slurm, dashboard=args.dashboard,
+                       subjects_per_worker=args.subjects_per_worker)
 
 
 def add_slurm_options(parser: argparse.ArgumentParser) -> None:

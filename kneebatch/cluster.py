@@ -136,6 +136,9 @@ class ClusterSpec:
         memory_limit_bytes: per worker (0: the job's memory / workers).
         slurm: submit worker jobs with dask-jobqueue instead of starting local workers.
         dashboard: serve dask's dashboard (on localhost, a free port) for a local cluster.
+        subjects_per_worker: subjects a local worker holds at once: 2 (the default) reads and
+            preprocesses the next subject while the current one runs through the network (one
+            forward pass at a time per worker); 1 does one subject after the other.
     """
 
     workers: int = 0
@@ -145,6 +148,7 @@ class ClusterSpec:
     memory_limit_bytes: int = 0
     slurm: SlurmOptions | None = None
     dashboard: bool = False
+    subjects_per_worker: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,16 +257,19 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
     check_worker_memory(memory, source)
     log.info("starting a LocalCluster: %d worker(s) x %d thread(s), %.1f GiB each (CPUs usable: "
              "%d)", workers, threads, memory / GIB, usable_cpus())
-    with local_cluster(workers, threads, memory, dashboard=spec.dashboard) as cluster, \
-            Client(cluster) as client:
+    if spec.subjects_per_worker < 1:
+        raise ConfigError("--subjects-per-worker must be at least 1.")
+    with local_cluster(workers, threads, memory, dashboard=spec.dashboard,
+                       subjects=spec.subjects_per_worker) as cluster, Client(cluster) as client:
         yield Connection(client, threads, {"subject": 1})
 
 
 @contextlib.contextmanager
-def local_cluster(workers: int, threads: int, memory_bytes: int, *,
-                  dashboard: bool = False) -> Iterator[LocalCluster]:
+def local_cluster(workers: int, threads: int, memory_bytes: int, *, dashboard: bool = False,
+                  subjects: int = 2) -> Iterator[LocalCluster]:
     """A LocalCluster that only this user can use: TLS with temporary credentials on localhost,
-    no dashboard unless asked, one subject at a time per worker (the ``subject`` resource),
+    no dashboard unless asked, ``subjects`` subjects at a time per worker (the ``subject``
+    resource; one task thread each: torch's ``threads`` are set inside the task),
     a subject given up after its worker died ``ALLOWED_FAILURES + 1`` times. Its worker processes
     ignore SIGINT, so a Ctrl-C reaches only the run, which stops them in order."""
     import signal
@@ -275,11 +282,11 @@ def local_cluster(workers: int, threads: int, memory_bytes: int, *,
     try:
         with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
             cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                n_workers=workers, threads_per_worker=subjects, processes=True, host="127.0.0.1",
                 protocol="tls://", security=Security.temporary(), memory_limit=memory_bytes,
                 # the scheduler serves HTTP (health, metrics) even without a dashboard: localhost
                 scheduler_kwargs={"dashboard": dashboard, "dashboard_address": "127.0.0.1:0"},
-                resources={"subject": 1}, env=env)
+                resources={"subject": subjects}, env=env)
     finally:
         signal.signal(signal.SIGINT, previous)
     with cluster:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +105,27 @@ def configure_compute(threads: int, *, malloc: bool = True) -> None:
     torch.set_flush_denormal(True)
     freeze_imports()
     log.debug("compute threads set to %d", threads)
+
+
+class Gauge:
+    """How many of something are in progress in this process now, and the most there were."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Count one in progress for the duration of the block."""
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+SUBJECTS_IN_PROGRESS = Gauge()  # a worker holds its next subject while the current one computes

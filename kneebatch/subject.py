@@ -26,11 +26,11 @@ from kneebatch.key import subject_key
 from kneebatch.manifest import SubjectSpec
 from kneebatch.memory import estimate_bytes, gib
 from kneebatch.network.features import extract_features
-from kneebatch.network.model import LoadedModel, get_model
+from kneebatch.network.model import LoadedModel, get_model, model_info
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.records import DoneRecord
-from kneebatch.regions import make_regions
-from kneebatch.runtime import release_memory
+from kneebatch.regions import Regions, make_regions
+from kneebatch.runtime import SUBJECTS_IN_PROGRESS, release_memory
 from kneebatch.similarity import SimilarityRow, similarities
 from kneebatch.store import QC, State, remove_result, result_state, write_subject
 
@@ -90,6 +90,84 @@ class SubjectOutcome:
         return self.status == "finished"
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One knee read, checked and split, ready for the network (``prepare_subject``)."""
+
+    regions: Regions
+    timings_s: dict[str, float]
+    warnings: tuple[str, ...]
+    qc_png: bytes | None
+
+
+def prepare_subject(spec: SubjectSpec, config: ExtractionConfig, *, stage: list[str],
+                    qc: bool = False, weights: str = "",
+                    read_timeout_s: float = READ_TIMEOUT_S) -> Prepared:
+    """Read, check and split one knee (no model needed: a worker does this for its next subject
+    while the current one runs through the network).
+
+    Args:
+        weights: the model's weights, for the QC picture's title.
+        (others as ``compute_subject``)
+    """
+    timings: dict[str, float] = {}
+    stage.append("read")
+    start = time.perf_counter()
+    scan = load_scan(spec, config, read_timeout_s)
+    timings["read"] = time.perf_counter() - start
+    stage.append("preprocess")
+    start = time.perf_counter()
+    regions = make_regions(scan, config)
+    warnings = scan.warnings
+    del scan
+    timings["preprocess"] = time.perf_counter() - start
+    qc_png = None
+    if qc:
+        stage.append("qc")
+        from kneebatch.report import qc_title, render_qc
+
+        qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
+                                             weights))
+    return Prepared(regions, timings, warnings, qc_png)
+
+
+def forward_subject(spec: SubjectSpec, prepared: Prepared, config: ExtractionConfig,
+                    model: LoadedModel, *, stage: list[str],
+                    options: ForwardOptions = FAST) -> SubjectResult:
+    """Run a prepared knee's three regions through the network (one forward pass at a time per
+    process: ``model.forward_lock``) and compare them."""
+    dtype = compute_dtype(config.precision)
+    regions, timings = prepared.regions, dict(prepared.timings_s)
+    vectors = {}
+    shapes = {}
+    with model.forward_lock:
+        for region in REGIONS:
+            stage.append(f"forward.{region}")
+            release_memory()
+            volume, members = regions.region(region)  # one region at a time: peak memory
+            shapes[region] = tuple(volume.shape)
+            vectors[region], timings[f"forward.{region}"] = extract_features(
+                model.network, volume, config.layers, options, dtype=dtype,
+                region=members if config.pooling == "region" else None)
+            del volume, members
+            log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
+                      timings[f"forward.{region}"])
+    stage.append("similarity")
+    rows = similarities(spec.subject_id, vectors, config.layers)
+    return SubjectResult(
+        subject_id=spec.subject_id,
+        vectors=vectors,
+        rows=rows,
+        timings_s=timings,
+        shapes=shapes,
+        boxes=regions.boxes,
+        spacing_mm=regions.spacing_mm,
+        side=spec.side,
+        qc_png=prepared.qc_png,
+        warnings=prepared.warnings,
+    )
+
+
 def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedModel, *,
                     stage: list[str] | None = None, qc: bool = False,
                     read_timeout_s: float = READ_TIMEOUT_S,
@@ -109,52 +187,10 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         KneebatchError: bad input (file, geometry, labels), or a precision this CPU lacks.
     """
     track = stage if stage is not None else []
-    dtype = compute_dtype(config.precision)
-    timings: dict[str, float] = {}
-    track.append("read")
-    start = time.perf_counter()
-    scan = load_scan(spec, config, read_timeout_s)
-    timings["read"] = time.perf_counter() - start
-    track.append("preprocess")
-    start = time.perf_counter()
-    regions = make_regions(scan, config)
-    warnings = scan.warnings
-    del scan
-    timings["preprocess"] = time.perf_counter() - start
-    qc_png = None
-    if qc:
-        track.append("qc")
-        from kneebatch.report import qc_title, render_qc
-
-        qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
-                                             model.info.weights))
-    vectors = {}
-    shapes = {}
-    for region in REGIONS:
-        track.append(f"forward.{region}")
-        release_memory()
-        volume, members = regions.region(region)  # one region at a time: peak memory
-        shapes[region] = tuple(volume.shape)
-        vectors[region], timings[f"forward.{region}"] = extract_features(
-            model.network, volume, config.layers, options, dtype=dtype,
-            region=members if config.pooling == "region" else None)
-        del volume, members
-        log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
-                  timings[f"forward.{region}"])
-    track.append("similarity")
-    rows = similarities(spec.subject_id, vectors, config.layers)
-    return SubjectResult(
-        subject_id=spec.subject_id,
-        vectors=vectors,
-        rows=rows,
-        timings_s=timings,
-        shapes=shapes,
-        boxes=regions.boxes,
-        spacing_mm=regions.spacing_mm,
-        side=spec.side,
-        qc_png=qc_png,
-        warnings=warnings,
-    )
+    compute_dtype(config.precision)  # refuse bf16 on this CPU before reading anything
+    prepared = prepare_subject(spec, config, stage=track, qc=qc, weights=model.info.weights,
+                               read_timeout_s=read_timeout_s)
+    return forward_subject(spec, prepared, config, model, stage=track, options=options)
 
 
 def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionConfig,
@@ -237,8 +273,8 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
     stage = ["model"]
     start = time.perf_counter()
     try:
-        model = get_model(model_path, config.input_norm, config.conv_padding)
-        key = subject_key(spec, config.hash(), model.info.sha256)
+        info = model_info(model_path)  # the key needs the file's sha256, not the network
+        key = subject_key(spec, config.hash(), info.sha256)
         with claim(out, spec.subject_id, run_id) as held:
             if not held:
                 return SubjectOutcome(spec.subject_id, "claimed")
@@ -249,8 +285,14 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
             if memory_limit_bytes:
                 stage.append("memory")
                 check_memory(spec, config, memory_limit_bytes, read_timeout_s)
-            result = compute_subject(spec, config, model, stage=stage, qc=qc,
-                                     read_timeout_s=read_timeout_s, options=options)
+            compute_dtype(config.precision)  # refuse bf16 on this CPU before reading anything
+            with SUBJECTS_IN_PROGRESS.hold():
+                prepared = prepare_subject(spec, config, stage=stage, qc=qc,
+                                           weights=info.weights, read_timeout_s=read_timeout_s)
+                stage.append("model")  # loaded once per process, after the first one's read
+                model = get_model(model_path, config.input_norm, config.conv_padding)
+                result = forward_subject(spec, prepared, config, model, stage=stage,
+                                         options=options)
             stage.append("write")
             done = _done_record(spec, result, config, model, key, run_id, options)
             extra = {QC: result.qc_png} if result.qc_png else {}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class LoadedModel:
 
     network: nn.Sequential
     info: ModelInfo
+    # One forward pass at a time in a process: a worker reads and preprocesses its next subject
+    # while the current one runs through the network, but never holds two forwards' activations.
+    forward_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock,
+                                                     compare=False, repr=False)
 
 
 def _conv0(features: nn.Sequential) -> nn.Conv3d:
@@ -322,6 +327,33 @@ def check_lean(network: nn.Module, path: Path) -> None:
 _loads = 0
 
 
+_load_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_info(path: str, mtime_ns: int) -> ModelInfo:
+    return _our_model_info(Path(path))
+
+
+def _resolved(path: Path) -> tuple[str, int]:
+    resolved = path.resolve()
+    try:
+        mtime_ns = resolved.stat().st_mtime_ns
+    except OSError:
+        mtime_ns = -1  # the loaders raise the helpful error
+    return str(resolved), mtime_ns
+
+
+def model_info(path: Path) -> ModelInfo:
+    """The provenance of a model file (sidecar checked against the file's sha256), without
+    building the network; read once per process (again if the file changes).
+
+    Raises:
+        WeightsError: see ``read_model_info``; also a file of an older kneebatch layout.
+    """
+    return _cached_info(*_resolved(path))
+
+
 @functools.lru_cache(maxsize=2)
 def _cached(path: str, mtime_ns: int, input_norm: str, conv_padding: str) -> LoadedModel:
     global _loads
@@ -333,12 +365,8 @@ def get_model(path: Path, input_norm: str = "imagenet",
               conv_padding: str = "replicate") -> LoadedModel:
     """The model of ``path`` for ``input_norm`` and ``conv_padding`` (see ``load_model``),
     loaded once per process and reused (reloaded if the file changes)."""
-    resolved = path.resolve()
-    try:
-        mtime_ns = resolved.stat().st_mtime_ns
-    except OSError:
-        mtime_ns = -1  # load_model raises the helpful error
-    return _cached(str(resolved), mtime_ns, input_norm, conv_padding)
+    with _load_lock:  # two subjects starting at once in one worker load the model once
+        return _cached(*_resolved(path), input_norm, conv_padding)
 
 
 def model_loads() -> int:
