@@ -1,6 +1,6 @@
 """Benchmarks: kneebatch against a naive seed-style baseline, measured in one run on this machine.
 
-    python benchmarks/run.py [--json benchmarks/results.json] [--cohort-knees 8]
+    python benchmarks/run.py [--json benchmarks/results.json] [--cohort-knees 8] [--steady-knees 32]
 
 Prints a table and writes it as JSON. Every number is a ratio against something measured in the
 same run: the naive baseline (seed semantics: whole masked volumes at native resolution, float32,
@@ -180,49 +180,60 @@ def _in_child(case: str, *args: str) -> dict[str, float]:
     return json.loads(line[len("RESULT "):])
 
 
-# ---------------------------------------------------------------- cohort
-def _cohort(folder: Path, model: Path, knees: int) -> dict[str, float]:
-    """Knees per hour with 1 and 2 one-thread workers on the same cohort; model loads per worker."""
-    from distributed import Client, LocalCluster
-
-    from kneebatch.network.model import model_loads
+# ---------------------------------------------------------------- whole commands
+def _cohorts(folder: Path, knees: int, steady: int) -> dict[int, Path]:
+    """Manifests of ``knees`` and ``steady`` clinical phantoms (the first a prefix of the second)."""
     from kneebatch.phantom import write_sample
-    from kneebatch.run import run_cohort
 
-    manifest = write_sample(folder / "cohort", knees, size="clinical", seed=100)
-    result: dict[str, float] = {}
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
-                          env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
-            start = time.perf_counter()
-            summary = run_cohort(manifest, folder / f"out{workers}", model, client=client,
-                                 gather_results=False)
-            seconds = time.perf_counter() - start
-            loads = client.run(model_loads)
-        assert summary.ok == knees, summary
-        result[f"knees_per_hour_{workers}w"] = 3600 * knees / seconds
-        result[f"max_model_loads_per_worker_{workers}w"] = max(loads.values())
-    result["parallel_efficiency"] = result["knees_per_hour_2w"] / (2 * result["knees_per_hour_1w"])
-    return result
+    big = write_sample(folder / "cohort", max(knees, steady), size="clinical", seed=100)
+    lines = big.read_text().splitlines()
+    small = big.with_name(f"first{knees}.csv")
+    small.write_text("\n".join(lines[: knees + 1]) + "\n")
+    return {knees: small, steady: big}
 
 
-def _run_cli(manifest: Path, model: Path, out: Path, *flags: str) -> dict[str, float]:
-    """The whole ``kneebatch run`` as a user runs it: a fresh process, default layout (no layout
-    flags), imports, cluster start, model load, every knee, gather and shutdown."""
+def _run_cli(manifest: Path, model: Path, out: Path, *flags: str, compete: bool = False,
+             env: dict[str, str] | None = None) -> dict[str, float]:
+    """The whole ``kneebatch run`` as a user runs it: a fresh process, imports, cluster start,
+    model load, every knee, gather and shutdown. ``compete``: another process keeps one core busy
+    meanwhile (a shared node)."""
     command = [sys.executable, "-m", "kneebatch", "--quiet", "run", str(manifest), "--out",
                str(out), "--model", str(model), *flags]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    burner = (subprocess.Popen([sys.executable, "-c", "while True: pass"]) if compete else None)
+    try:
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+        wall = time.perf_counter() - start
+    finally:
+        if burner:
+            burner.kill()
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return {"wall_s": wall}
+    record = json.loads((out / "run.json").read_text())
+    stages = record.get("stage_seconds", {})
+    return {"wall_s": wall, "inside_s": record.get("wall_s", 0.0),
+            **{f"stage_{k}": v for k, v in stages.items()}}
+
+
+RUNS = {  # name: (flags, compete, env): layouts and switches of the whole `kneebatch run`
+    "defaults (1 worker x 2 threads, reads ahead)": ((), False, {}),
+    "--subjects-per-worker 1 (no read-ahead)": (("--subjects-per-worker", "1"), False, {}),
+    "--plain-forward": (("--plain-forward",), False, {}),
+    "--workers 2 --threads-per-worker 1": (("--workers", "2", "--threads-per-worker", "1"),
+                                           False, {}),
+    "--workers 1 --threads-per-worker 1": (("--workers", "1", "--threads-per-worker", "1"),
+                                           False, {}),
+    "defaults, another process busy on one core": ((), True, {}),
+    "same, OMP_WAIT_POLICY=PASSIVE": ((), True, {"OMP_WAIT_POLICY": "PASSIVE"}),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results.json"))
     parser.add_argument("--cohort-knees", type=int, default=8)
+    parser.add_argument("--steady-knees", type=int, default=32)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -249,13 +260,18 @@ def main() -> None:
         print("measuring kneebatch extract ...", file=sys.stderr)
         results["extract_cli_defaults"] = _extract_cli(ct, mask, model, folder / "e1")
         results["extract_cli_seed_semantics"] = _extract_cli(
-            ct, mask, model, folder / "e2", "--spacing", "native", "--crop", "none")
-        print("measuring the cohort ...", file=sys.stderr)
-        results["cohort"] = _cohort(folder, model, args.cohort_knees)
-        manifest = folder / "cohort" / "manifest.csv"  # written by _cohort
-        for name, flags in (("run_cli_defaults", ()), ("run_cli_plain_forward", ("--plain-forward",))):
-            print(f"measuring {name} ...", file=sys.stderr)
-            results[name] = _run_cli(manifest, model, folder / name, *flags)
+            ct, mask, model, folder / "e2", "--preset", "seed")
+        manifests = _cohorts(folder, args.cohort_knees, args.steady_knees)
+        runs: dict[str, dict[str, float]] = {}
+        for i, (name, (flags, compete, env)) in enumerate(RUNS.items()):
+            print(f"measuring kneebatch run {name} ...", file=sys.stderr)
+            runs[name] = _run_cli(manifests[args.cohort_knees], model, folder / f"run{i}",
+                                  *flags, compete=compete, env=env)
+        print(f"measuring kneebatch run defaults on {args.steady_knees} knees ...",
+              file=sys.stderr)
+        steady = _run_cli(manifests[args.steady_knees], model, folder / "steady")
+        results["runs"] = runs  # type: ignore[assignment]
+        results["steady"] = steady
 
     peak = results["conv3d_peak"]["best_gflops"]
     naive_kph = 3600 / results["naive"]["knee_s"]
@@ -277,13 +293,20 @@ def main() -> None:
            f"{r['user_s']:.1f} / {r['sys_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB |"
            for name, r in (("defaults", results["extract_cli_defaults"]),
                            ("seed semantics", results["extract_cli_seed_semantics"]))]
-    runs = [f"| `kneebatch run` {name}, {args.cohort_knees} knees (fresh process, default layout, "
-            f"start-up and gather included) | {r['wall_s']:.1f} s | "
-            f"{3600 * args.cohort_knees / r['wall_s']:.0f} knees/h "
-            f"({3600 * args.cohort_knees / r['wall_s'] / naive_kph:.1f}x naive) | | |"
-            for name, r in (("defaults", results["run_cli_defaults"]),
-                            ("--plain-forward", results["run_cli_plain_forward"]))]
-    c = results["cohort"]
+    run_rows = [f"| `kneebatch run` {name}, {args.cohort_knees} knees | {r['wall_s']:.1f} s | "
+                f"{3600 * args.cohort_knees / r['wall_s']:.0f} knees/h "
+                f"({3600 * args.cohort_knees / r['wall_s'] / naive_kph:.1f}x naive) | "
+                f"{r['wall_s'] - r['inside_s']:.1f} s | {r.get('stage_read', 0):.1f} / "
+                f"{r.get('stage_preprocess', 0):.1f} / "
+                f"{sum(v for k, v in r.items() if k.startswith('stage_forward')):.1f} s |"
+                for name, r in runs.items()]
+    s32 = steady
+    run_rows.append(f"| `kneebatch run` defaults, {args.steady_knees} knees | {s32['wall_s']:.1f} s | "
+                    f"{3600 * args.steady_knees / s32['wall_s']:.0f} knees/h "
+                    f"({3600 * args.steady_knees / s32['wall_s'] / naive_kph:.1f}x naive) | "
+                    f"{s32['wall_s'] - s32['inside_s']:.1f} s | "
+                    f"{s32.get('stage_read', 0):.1f} / {s32.get('stage_preprocess', 0):.1f} / "
+                    f"{sum(v for k, v in s32.items() if k.startswith('stage_forward')):.1f} s |")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "description": machine}  # type: ignore[dict-item]
@@ -299,12 +322,15 @@ def main() -> None:
         "| command | wall | rate | CPU user / sys | peak RSS |",
         "|---|---|---|---|---|",
         *cli,
-        *runs,
         "",
-        f"Cohort of {args.cohort_knees} clinical knees: {c['knees_per_hour_1w']:.0f} knees/h with 1 "
-        f"worker, {c['knees_per_hour_2w']:.0f} with 2 (parallel efficiency "
-        f"{100 * c['parallel_efficiency']:.0f}%); model loads per worker: "
-        f"{c['max_model_loads_per_worker_2w']:.0f}.",
+        "Whole `kneebatch run` commands (fresh process: imports, cluster start, model load, "
+        "every knee, gather, shutdown). 'outside' is the command's wall time not spent inside "
+        "run_cohort's own clock (imports, printing, exit); read / preprocess / forward are the "
+        "workers' summed stage times.",
+        "",
+        "| command | wall | rate | outside | read / preprocess / forward |",
+        "|---|---|---|---|---|",
+        *run_rows,
     ])
     print(table)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
