@@ -86,7 +86,7 @@ def measure(manifest: Path, model: Path) -> dict[str, object]:
                 volume, members = regions.region(name)
                 knee[name], _ = extract_features(loaded.network, volume, config.layers,
                                                  region=members if pooling == "region" else None)
-                if margin == MARGINS_MM[0]:
+                if margin == MARGINS_MM[0] and padding == "replicate":  # same for either padding
                     for layer in config.layers:
                         air.setdefault((pooling, layer, name), []).append(
                             _air_fraction(members, layer, pooling))
