@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from kneebatch.config import ExtractionConfig
+from kneebatch.labels import LabelMap
 from kneebatch.manifest import subject_spec
 from kneebatch.network.model import get_model
 from kneebatch.subject import SubjectResult, compute_subject
@@ -24,7 +25,8 @@ class Results:
 
 def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
                     subject_id: str = "subject", side: str | None = None,
-                    config: ExtractionConfig | None = None) -> SubjectResult:
+                    config: ExtractionConfig | None = None,
+                    labels: LabelMap | str | None = None) -> SubjectResult:
     """One knee's vectors and similarities, in memory (nothing is written).
 
     Args:
@@ -34,11 +36,14 @@ def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
         subject_id: used in messages and rows.
         side: ``L`` (mirrored), ``R`` or None.
         config: extraction settings (defaults from DESIGN.md).
+        labels: the mask values of tibia and femur, e.g. ``"tibia=10,femur=20"`` (default 1, 2).
 
     Raises:
         KneebatchError: bad input or model.
     """
-    spec = subject_spec(subject_id, ct, mask, side)
+    if isinstance(labels, str):
+        labels = LabelMap.parse(labels)
+    spec = subject_spec(subject_id, ct, mask, side, labels)
     config = config or ExtractionConfig()
     model = get_model(Path(model_path), config.input_norm, config.conv_padding)
     return compute_subject(spec, config, model)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from kneebatch import __version__
 from kneebatch.cli_options import (
     add_config_options,
+    add_labels,
     add_plain_forward,
     add_read_timeout,
     add_slurm_options,
@@ -84,7 +85,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from kneebatch.subject import process_subject
 
     config = config_from_args(args)
-    spec = subject_spec(args.subject_id, args.ct, args.mask, args.side)
+    spec = subject_spec(args.subject_id, args.ct, args.mask, args.side, args.labels)
     configure_compute(args.threads or usable_cpus())
     compute_dtype(config.precision)
     model_path = _model_path(args)
@@ -113,23 +114,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from kneebatch.io import check_headers
     from kneebatch.manifest import parse_manifest
     from kneebatch.memory import estimate_bytes, gib
+    from kneebatch.preflight import MaskCheck, check_mask
 
     config = config_from_args(args)
-    specs, row_problems = parse_manifest(args.manifest)
+    specs, row_problems = parse_manifest(args.manifest, args.labels)
     for row in row_problems:
         print(f"FAIL {row.subject_id or '(no id)'}: manifest {row.message}")
     problems = len(row_problems)
-    for spec in specs:
+    headers = {}
+    for spec in specs:  # first pass: headers only, fast
         try:
-            header, mask = check_headers(spec, config, args.read_timeout)
+            headers[spec.subject_id] = check_headers(spec, config, args.read_timeout)
         except KneebatchError as exc:
             problems += 1
             print(f"FAIL {spec.subject_id}: {exc.message}")
+    for spec in specs:  # second pass: the masks' label values
+        if spec.subject_id not in headers:
             continue
+        header, mask = headers[spec.subject_id]
+        notes: tuple[str, ...] = ()
+        if not args.headers_only:
+            try:
+                check = check_mask(spec, args.read_timeout)
+            except KneebatchError as exc:
+                check = MaskCheck((exc.message,), ())
+            if check.problems:
+                problems += 1
+                print(f"FAIL {spec.subject_id}: " + "; ".join(check.problems))
+                continue
+            notes = check.notes
         need = estimate_bytes(header.size, header.spacing, config, mask.size)
         print(f"ok   {spec.subject_id}: {header.size[0]}x{header.size[1]}x{header.size[2]} "
               f"{header.pixel}, spacing {tuple(round(s, 3) for s in header.spacing)} mm, "
-              f"needs about {gib(need)} per worker")
+              f"needs about {gib(need)} per worker" + "".join(f"; note: {n}" for n in notes))
     rows = len(specs) + len(row_problems)
     print(f"{rows - problems} of {rows} subject(s) look fine; {problems} problem(s).")
     return EXIT_FAILED if problems else EXIT_OK
@@ -183,7 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          on_progress=progress, stop=stop, gather_results=not args.no_gather,
                          qc=args.qc, part=args.shard,
                          read_timeout_s=args.read_timeout, on_start=progress.start,
-                         forward=forward_from_args(args))
+                         forward=forward_from_args(args), labels=args.labels)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
@@ -320,12 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="recompute a finished subject; replace results of other settings in OUT")
     add_plain_forward(p)
+    add_labels(p)
     add_config_options(p)
     p.set_defaults(func=_cmd_extract)
 
-    p = sub.add_parser("validate", help="preflight a manifest: files, headers, geometry; no model")
+    p = sub.add_parser("validate", help="preflight a manifest: files, headers, geometry, mask "
+                                        "label values; no model")
     p.add_argument("manifest", type=Path)
+    p.add_argument("--headers-only", action="store_true",
+                   help="check files, headers and geometry only (skip reading each mask's labels)")
     add_read_timeout(p)
+    add_labels(p)
     add_config_options(p)
     p.set_defaults(func=_cmd_validate)
 
@@ -365,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve dask's dashboard on localhost (a free port; the link is logged)")
     add_read_timeout(p)
     add_plain_forward(p)
+    add_labels(p)
     add_config_options(p)
     add_slurm_options(p)
     p.set_defaults(func=_cmd_run)

@@ -15,7 +15,8 @@ from kneebatch.config import (
     CropMode,
     ExtractionConfig,
 )
-from kneebatch.errors import ConfigError
+from kneebatch.errors import ConfigError, KneebatchError
+from kneebatch.labels import LabelMap
 
 if TYPE_CHECKING:
     from kneebatch.cluster import ClusterSpec, SlurmOptions
@@ -63,6 +64,20 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=["float32", "bf16"], default=None,
                        help="forward pass in float32 (default) or bfloat16 (CPUs with "
                             "AVX512-BF16/AMX; pooling and cosines stay float32)")
+
+
+def _labels(value: str) -> LabelMap:
+    try:
+        return LabelMap.parse(value)
+    except KneebatchError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def add_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", type=_labels, default=LabelMap(), metavar="tibia=V,femur=V",
+                        help="the mask values of each bone, any integers; several per bone as "
+                             "femur=75+76 (default: tibia=1,femur=2; 0 is always background). "
+                             "A manifest's tibia_label / femur_label columns override it per row")
 
 
 def add_read_timeout(parser: argparse.ArgumentParser) -> None:

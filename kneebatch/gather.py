@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneebatch.failures import current_failures, write_failures_csv
+from kneebatch.labels import LabelMap
 from kneebatch.outdir import (
     DATASETS,
     OLD_DEBRIS,
@@ -43,7 +44,7 @@ from kneebatch.store import DamagedResult, read_done, read_result, subject_dir, 
 
 log = logging.getLogger(__name__)
 
-PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash")
+PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash", "labels")
 PART = "part-0.parquet"
 
 
@@ -199,7 +200,8 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
                         continue
                     gathered.append(done.subject_id)
                     prov = {"run_id": done.run_id, "weights": done.weights,
-                            "model_sha256": done.model_sha256, "config_hash": done.config_hash}
+                            "model_sha256": done.model_sha256, "config_hash": done.config_hash,
+                            "labels": done.labels or str(LabelMap())}
                     for row in rows:
                         for key, value in {**dataclasses.asdict(row), **prov}.items():
                             s_cols[key].append(value)

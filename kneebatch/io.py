@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import GeometryError, InputImageError
+from kneebatch.labels import LabelMap, value_counts
 from kneebatch.manifest import SubjectSpec
 from kneebatch.timeout import call_with_timeout
 
@@ -33,7 +34,6 @@ READ_TIMEOUT_S = 300.0  # a file that gives no answer for this long fails its su
 SPACING_TOL_MM = 1e-3  # CT and mask spacings and origins may differ by this much (rounding)
 ORIGIN_TOL_MM = 1e-3
 DIRECTION_TOL = 1e-4
-KNOWN_LABELS = (0, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +43,13 @@ class Scan:
     Attributes:
         subject_id: the subject.
         ct_hu: CT in HU, float32, (z, y, x).
-        mask: labels, uint8, (z, y, x): 0 background, 1 tibia, 2 femur.
+        mask: labels, uint8, (z, y, x): 0 background, 1 tibia, 2 femur, 3 any other value
+            (the subject's label map already applied).
         spacing_mm: voxel size (z, y, x).
         side: ``L``, ``R`` or None; ``L`` has been mirrored along x.
         source_orientation: the CT's orientation code as read (e.g. ``RAS``).
         warnings: what the user should know about this subject's inputs (kept in done.json).
+        labels: the label map that made ``mask`` (for messages).
     """
 
     subject_id: str
@@ -57,6 +59,7 @@ class Scan:
     side: str | None
     source_orientation: str
     warnings: tuple[str, ...] = ()
+    labels: LabelMap = dataclasses.field(default_factory=LabelMap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,21 +264,31 @@ def match_mask_grid(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image, resampl
 
 def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
     values = sitk.GetArrayFromImage(mask)
-    if not np.issubdtype(values.dtype, np.integer) and (
-            not np.all(np.isfinite(values)) or np.any(values != np.round(values))):
-        raise _fail(spec, "mask", spec.mask, "holds non-integer values (is it a probability "
-                        "map?)", "Give a label image: 0 background, 1 tibia, 2 femur.")
-    if values.min() < 0 or values.max() > 255:
-        raise _fail(spec, "mask", spec.mask, f"holds labels from {values.min()} to {values.max()}",
-                    "Give a label image: 0 background, 1 tibia, 2 femur.")
-    labels = values.astype(np.uint8)
-    unknown = sorted(set(np.unique(labels).tolist()) - set(KNOWN_LABELS))
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            raise _fail(spec, "mask", spec.mask, "holds non-integer values (is it a probability "
+                        "map?)", f"Give a label image: 0 background, {spec.labels}.")
+        values = values.astype(np.int64)
+    labels, unknown = spec.labels.canonical(values)
     warnings = []
     if unknown:
-        warnings.append(f"mask {spec.mask} holds labels {unknown} besides 0/1/2; those voxels "
-                        "belong to no region (set to air in all three)")
+        shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
+        warnings.append(f"mask {spec.mask} holds labels {shown} besides 0 and {spec.labels}; "
+                        "those voxels belong to no region (set to air in all three)")
         log.warning("Subject %s: %s", spec.subject_id, warnings[-1])
     return labels, warnings
+
+
+def mask_values(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S) -> dict[int, int]:
+    """Voxel count of each value of the subject's mask (``validate``: masks are small to read).
+
+    Raises:
+        InputImageError: the mask cannot be read (see ``read_image``).
+    """
+    values = sitk.GetArrayFromImage(read_image(spec, "mask", spec.mask, timeout_s))
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.round(values[np.isfinite(values)]).astype(np.int64)
+    return value_counts(values)
 
 
 def _axis_aligned(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image
@@ -344,7 +357,7 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
         labels = np.ascontiguousarray(labels[:, :, ::-1])
     sx, sy, sz = ct.GetSpacing()
     return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation,
-                tuple(warnings))
+                tuple(warnings), spec.labels)
 
 
 def read_header(spec: SubjectSpec, role: str, path: Path,

@@ -2,8 +2,8 @@
 
 A finished subject is reused only when its ``done.json`` holds the key the current run computes:
 the settings hash, the model's sha256, and the subject's inputs (resolved CT and mask paths with
-their size and modification time, every file of a DICOM folder included; the side; the manifest's
-extra values). Editing any of these makes the next run redo that subject.
+their size and modification time, every file of a DICOM folder included; the side; the label map;
+the manifest's extra values). Editing any of these makes the next run redo that subject.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def subject_key(spec: SubjectSpec, config_hash: str, model_sha256: str) -> str:
         "ct": _fingerprint(spec.ct),
         "mask": _fingerprint(spec.mask),
         "side": spec.side,
+        "labels": str(spec.labels),
         "extra": sorted(spec.extra.items()),
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

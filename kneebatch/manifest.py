@@ -1,7 +1,8 @@
 """Manifest stage: parse a cohort CSV into checked ``SubjectSpec`` objects before any compute.
 
-Required columns ``subject_id``, ``ct``, ``mask``; optional ``side`` (``L``/``R``/empty); any other
-column is kept and carried into the outputs. Paths are resolved against the manifest's folder.
+Required columns ``subject_id``, ``ct``, ``mask``; optional ``side`` (``L``/``R``/empty) and
+``tibia_label``/``femur_label`` (this row's mask values, overriding ``--labels``); any other column
+is kept and carried into the outputs. Paths are resolved against the manifest's folder.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import dataclasses
 import re
 from pathlib import Path
 
-from kneebatch.errors import ManifestError
+from kneebatch.errors import KneebatchError, ManifestError
+from kneebatch.labels import LabelMap
 
 REQUIRED = ("subject_id", "ct", "mask")
+LABEL_COLUMNS = ("tibia_label", "femur_label")
+OPTIONAL = ("side", *LABEL_COLUMNS)
 SIDES = ("L", "R")
 # Columns kneebatch writes into its outputs: an extra manifest column may not take these names.
 RESERVED = ("layer", "region", "region_a", "region_b", "cosine", "dim", "vector", "run_id",
-            "weights", "model_sha256", "config_hash", "key", "warnings")
+            "weights", "model_sha256", "config_hash", "key", "warnings", "labels")
 MAX_ID_LENGTH = 200  # a folder name must fit in 255 bytes, with room for kneebatch's own suffixes
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -32,6 +36,7 @@ class SubjectSpec:
         mask: label mask file (absolute); tibia = 1, femur = 2, background = 0.
         side: ``L`` (mirrored to look like a right knee), ``R`` or None (unknown; not mirrored).
         extra: the manifest's other columns, carried into the outputs.
+        labels: the mask values of tibia and femur.
     """
 
     subject_id: str
@@ -39,6 +44,7 @@ class SubjectSpec:
     mask: Path
     side: str | None = None
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    labels: LabelMap = dataclasses.field(default_factory=LabelMap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +80,18 @@ def check_side(side: str | None, where: str = "") -> str | None:
 
 
 def subject_spec(subject_id: str, ct: Path | str, mask: Path | str,
-                 side: str | None = None) -> SubjectSpec:
+                 side: str | None = None, labels: LabelMap | None = None) -> SubjectSpec:
     """A checked spec for one knee given directly (``extract``, the Python API).
 
     Raises:
         ManifestError: an unsafe subject id or a bad side.
     """
     return SubjectSpec(check_subject_id(subject_id), Path(ct).resolve(), Path(mask).resolve(),
-                       check_side(side))
+                       check_side(side), labels=labels or LabelMap())
 
 
-def _row_problems(row: dict[str, str], line: int, folder: Path) -> tuple[SubjectSpec | None, list[str]]:
+def _row_problems(row: dict[str, str], line: int, folder: Path,
+                  labels: LabelMap) -> tuple[SubjectSpec | None, list[str]]:
     where = f"row {line}: "
     problems = []
     values = {k: (v or "").strip() for k, v in row.items() if k is not None}
@@ -100,27 +107,35 @@ def _row_problems(row: dict[str, str], line: int, folder: Path) -> tuple[Subject
     except ManifestError as exc:
         problems.append(exc.message)
         side = None
+    try:
+        labels = labels.override(values.get("tibia_label"), values.get("femur_label"), where)
+    except KneebatchError as exc:
+        problems.append(exc.message)
     for column in ("ct", "mask"):
         if not values.get(column):
             problems.append(f"{where}column {column!r} is empty; give the {column} file path.")
     if problems:
         return None, problems
-    extra = {k: v for k, v in values.items() if k not in (*REQUIRED, "side")}
+    extra = {k: v for k, v in values.items() if k not in (*REQUIRED, *OPTIONAL)}
     spec = SubjectSpec(
         subject_id=sid,
         ct=(folder / values["ct"]).resolve(),
         mask=(folder / values["mask"]).resolve(),
         side=side,
         extra=extra,
+        labels=labels,
     )
     return spec, []
 
 
-def parse_manifest(path: Path) -> tuple[list[SubjectSpec], list[RowProblem]]:
+def parse_manifest(path: Path, labels: LabelMap | None = None
+                   ) -> tuple[list[SubjectSpec], list[RowProblem]]:
     """Parse a manifest, keeping the usable rows and listing the others.
 
     Args:
         path: the CSV (UTF-8, a BOM is accepted).
+        labels: the cohort's label map (``--labels``); a row's ``tibia_label`` / ``femur_label``
+            override it.
 
     Returns:
         The usable subjects in file order (fully empty rows skipped) and the rows with problems
@@ -139,7 +154,8 @@ def parse_manifest(path: Path) -> tuple[list[SubjectSpec], list[RowProblem]]:
     if missing:
         raise ManifestError(
             f"Manifest {path} lacks column(s) {', '.join(missing)}; its header is {header}. "
-            "The first line must name at least: subject_id,ct,mask (optional: side, any others)."
+            "The first line must name at least: subject_id,ct,mask (optional: side, tibia_label, "
+            "femur_label, any others)."
         )
     clashes = [c for c in header if c in RESERVED]
     if clashes:
@@ -155,7 +171,7 @@ def parse_manifest(path: Path) -> tuple[list[SubjectSpec], list[RowProblem]]:
         line = reader.line_num  # file line, blank lines counted
         if all(not (v or "").strip() for k, v in row.items() if k is not None) and None not in row:
             continue
-        spec, row_problems = _row_problems(row, line, path.parent.resolve())
+        spec, row_problems = _row_problems(row, line, path.parent.resolve(), labels or LabelMap())
         raw_id = (row.get("subject_id") or "").strip()
         problems.extend(RowProblem(line, raw_id, p) for p in row_problems)
         if spec is None:
@@ -170,13 +186,13 @@ def parse_manifest(path: Path) -> tuple[list[SubjectSpec], list[RowProblem]]:
     return specs, problems
 
 
-def read_manifest(path: Path) -> list[SubjectSpec]:
+def read_manifest(path: Path, labels: LabelMap | None = None) -> list[SubjectSpec]:
     """Parse a manifest strictly: every problem of every row is reported at once.
 
     Raises:
         ManifestError: listing every problem found, or when no row is left.
     """
-    specs, problems = parse_manifest(path)
+    specs, problems = parse_manifest(path, labels)
     if problems:
         raise ManifestError(f"Manifest {path} has {len(problems)} problem(s):\n  " +
                             "\n  ".join(p.message for p in problems))

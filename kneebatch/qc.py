@@ -9,6 +9,7 @@ from pathlib import Path
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import KneebatchError
 from kneebatch.io import load_scan
+from kneebatch.labels import LabelMap
 from kneebatch.manifest import SubjectSpec
 from kneebatch.regions import make_regions
 from kneebatch.report import qc_title, write_qc
@@ -26,7 +27,8 @@ def write_subject_qc(folder: Path) -> Path:
     done = read_done(folder)
     if done is None:
         raise FileNotFoundError(f"{folder} has no readable done.json")
-    spec = SubjectSpec(done.subject_id, Path(done.ct), Path(done.mask), done.side)
+    spec = SubjectSpec(done.subject_id, Path(done.ct), Path(done.mask), done.side,
+                       labels=LabelMap.parse(done.labels) if done.labels else LabelMap())
     config = ExtractionConfig.from_dict(done.config)
     regions = make_regions(load_scan(spec, config), config)
     title = qc_title(spec.subject_id, spec.side, regions.spacing_mm, done.weights)

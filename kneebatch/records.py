@@ -65,7 +65,8 @@ class DoneRecord(_Record):
         model_sha256, weights: the model file and the weights it holds.
         run_id: the run that computed the result (``extract`` makes its own).
         files: name -> size and sha256 of each result file written before this record.
-        side, ct, mask, extra: the subject's inputs as the manifest gave them.
+        side, ct, mask, extra, labels: the subject's inputs as the manifest gave them
+            (``labels`` as ``tibia=1,femur=2``).
         warnings: per-subject warnings (e.g. unknown mask labels).
         forward: the ``ForwardOptions`` the forward pass ran with.
     """
@@ -83,6 +84,7 @@ class DoneRecord(_Record):
     ct: str = ""
     mask: str = ""
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    labels: str = ""
     spacing_mm: list[float] = dataclasses.field(default_factory=list)
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     boxes: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
@@ -135,6 +137,7 @@ class RunRecord(_Record):
     model_built_with: dict[str, str] = dataclasses.field(default_factory=dict)
     manifest: str | None = None
     manifest_sha256: str | None = None
+    labels: str = ""
     command: list[str] = dataclasses.field(default_factory=list)
     host: str = ""
     slurm: dict[str, str] = dataclasses.field(default_factory=dict)

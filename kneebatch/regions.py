@@ -168,10 +168,11 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
         members = mask == LABELS.get(name, 0)
         if not members.any():
             raise RegionError(
-                f"Subject {scan.subject_id}: the mask has no {name} voxels (label "
-                f"{LABELS.get(name, 0)}) on the {'resampled' if config.spacing_mm else 'native'} "
-                "grid. Check the segmentation (tibia = 1, femur = 2, background = 0) or drop the "
-                "subject."
+                f"Subject {scan.subject_id}: the mask has no {name} voxels ({name}="
+                f"{'+'.join(map(str, scan.labels.values_of(name)))}) on the "
+                f"{'resampled' if config.spacing_mm else 'native'} grid. Check the segmentation "
+                "and its label values (--labels, or the manifest's tibia_label / femur_label "
+                "columns) or drop the subject."
             )
         if config.crop is CropMode.BBOX and name in LABELS:
             boxes[name] = _bbox(members, margin)

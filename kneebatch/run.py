@@ -35,6 +35,7 @@ from kneebatch.failures import (
 from kneebatch.gather import gather_run
 from kneebatch.io import READ_TIMEOUT_S
 from kneebatch.key import subject_key
+from kneebatch.labels import LabelMap
 from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
 from kneebatch.network.model import check_model_file, file_sha256
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
@@ -154,6 +155,7 @@ def run_cohort(
     read_timeout_s: float = READ_TIMEOUT_S,
     on_start: Callable[[int], None] | None = None,
     forward: ForwardOptions = FAST,
+    labels: LabelMap | None = None,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -179,6 +181,8 @@ def run_cohort(
         read_timeout_s: a file that gives no answer for this long fails its subject.
         on_start: called with the number of subjects this run will compute (for progress).
         forward: the forward pass's fast-path switches (``ForwardOptions.plain()`` to debug).
+        labels: the mask values of tibia and femur (``--labels``); a manifest row's
+            ``tibia_label`` / ``femur_label`` columns override it.
 
     Returns:
         Counts and timing.
@@ -196,7 +200,7 @@ def run_cohort(
         manifest_path, specs = None, manifest
     else:
         manifest_path = Path(manifest)
-        specs, found = parse_manifest(manifest_path)
+        specs, found = parse_manifest(manifest_path, labels)
         problems += found
     if not specs and not problems:
         raise ConfigError(f"Manifest {manifest_path} lists no subjects; add one row per knee.")
@@ -241,7 +245,8 @@ def run_cohort(
         model_built_with={"torch": info.torch, "torchvision": info.torchvision,
                           "kneebatch": info.kneebatch},
         manifest=manifest_record.path, manifest_sha256=manifest_record.sha256,
-        command=list(sys.argv), host=socket.gethostname(), slurm=_slurm_ids(), shard=part)
+        labels=str(labels or LabelMap()), command=list(sys.argv), host=socket.gethostname(),
+        slurm=_slurm_ids(), shard=part)
     save_run_record(out, record)  # a run in progress, for `kneebatch status`
     if on_start:
         on_start(len(todo))

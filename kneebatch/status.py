@@ -14,6 +14,7 @@ from kneebatch.claims import Holder, holder
 from kneebatch.errors import OutputError
 from kneebatch.failures import subject_failures
 from kneebatch.key import subject_key
+from kneebatch.labels import LabelMap
 from kneebatch.manifest import parse_manifest
 from kneebatch.outdir import check_owned, folder_settings, read_manifest_record, run_records
 from kneebatch.records import FailureRecord, RunRecord
@@ -70,7 +71,9 @@ def cohort_status(out: Path, manifest: Path | None = None) -> CohortStatus:
     if manifest is not None:
         if settings is None:
             raise OutputError(f"{out} has no results yet; start with `kneebatch run`.")
-        specs, _ = parse_manifest(manifest)
+        runs = run_records(out)
+        labels = LabelMap.parse(runs[-1].labels) if runs and runs[-1].labels else None
+        specs, _ = parse_manifest(manifest, labels)  # the label map the last run used
         keys = {s.subject_id: subject_key(s, settings.config_hash, settings.model_sha256)
                 for s in specs}
     else:

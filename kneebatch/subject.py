@@ -213,6 +213,7 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         ct=str(spec.ct),
         mask=str(spec.mask),
         extra=dict(spec.extra),
+        labels=str(spec.labels),
         spacing_mm=list(result.spacing_mm),
         shapes={r: list(s) for r, s in result.shapes.items()},
         boxes={r: [list(b) for b in box] for r, box in result.boxes.items()},

@@ -1,0 +1,51 @@
+"""Validate stage, second pass: read each mask (masks are small) and check its label values against
+the subject's label map, so a mask with no femur or with other values is caught before a night of
+compute. The first pass (``io.check_headers``) reads headers only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kneebatch.io import READ_TIMEOUT_S, mask_values
+from kneebatch.labels import BACKGROUND
+from kneebatch.manifest import SubjectSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskCheck:
+    """What a mask holds, against the subject's label map.
+
+    Attributes:
+        problems: what would fail the subject (a bone with no voxels).
+        notes: what the run would warn about (values of no region).
+    """
+
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def _listing(counts: dict[int, int], limit: int = 8) -> str:
+    shown = ", ".join(f"{v} ({n} voxels)" for v, n in list(counts.items())[:limit])
+    return shown + (", ..." if len(counts) > limit else "")
+
+
+def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> MaskCheck:
+    """Read the mask's voxels and compare its values with ``spec.labels``.
+
+    Raises:
+        InputImageError: the mask cannot be read.
+    """
+    counts = mask_values(spec, read_timeout_s)
+    problems = []
+    for region in ("tibia", "femur"):
+        values = spec.labels.values_of(region)
+        if not any(counts.get(v, 0) for v in values):
+            problems.append(
+                f"mask {spec.mask} has no {region} voxels ({region}="
+                f"{'+'.join(map(str, values))}); it holds {_listing(counts)}. Give the right "
+                "values with --labels tibia=V,femur=V or the manifest's tibia_label / femur_label "
+                "columns")
+    known = {BACKGROUND, *spec.labels.tibia, *spec.labels.femur}
+    other = {v: n for v, n in counts.items() if v not in known}
+    notes = (f"values {_listing(other)} belong to no region (air in all three)",) if other else ()
+    return MaskCheck(tuple(problems), notes)
