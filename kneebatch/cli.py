@@ -1,9 +1,11 @@
 """Command line: a thin layer over the package. The only module that sets up logging and prints."""
 
+
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import logging
 import os
 import signal
@@ -32,6 +34,19 @@ if TYPE_CHECKING:
     from kneebatch.similarity import SimilarityRow
 
 log = logging.getLogger("kneebatch")
+
+DESCRIPTION = """\
+kneebatch: deep features of knee CT cohorts. For each knee (CT + label mask) it splits the CT into
+tibia, femur and background, runs each through ImageNet DenseNet121 inflated to 3D, pools
+denseblock2/3/4 to vectors and writes their cosine similarities; whole cohorts fan out over dask
+(locally or on SLURM) into Parquet datasets you read with pandas.
+
+typical use:
+  kneebatch build-model --out model.pth           once, where the internet is
+  kneebatch validate cohort.csv                   check files, headers and labels first
+  kneebatch run cohort.csv --out results --model model.pth
+  kneebatch report results                        QC pictures and cohort figures
+"""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 75
 
@@ -289,7 +304,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from kneebatch.cohort_report import write_cohort_report
+    from kneebatch.outdir import check_owned
 
+    check_owned(args.out)
     if not args.no_qc:
         from kneebatch.qc import write_missing_qc
 
@@ -302,20 +319,40 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_out_folder(parser: argparse.ArgumentParser) -> None:
+    """OUT as the first argument or as ``--out``, the way ``run`` and ``extract`` spell it."""
+    parser.add_argument("out", type=Path, nargs="?", default=None, metavar="OUT",
+                        help="the output folder of a run (or give it as --out OUT)")
+    parser.add_argument("--out", type=Path, dest="out_option", default=None, metavar="OUT",
+                        help="the same as the OUT argument")
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="debug logs and full tracebacks")
+    parser.add_argument("--quiet", action="store_true", default=default,
+                        help="warnings and errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate from ``main`` so tests and docs can read it)."""
-    parser = argparse.ArgumentParser(prog="kneebatch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kneebatch", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kneebatch {__version__}")
-    parser.add_argument("--debug", action="store_true", help="debug logs and full tracebacks")
-    parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    _add_global_flags(parser, default=False)
+    # The same flags after the subcommand (`kneebatch run ... --quiet`); not given there, they
+    # keep the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_flags(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
     p = sub.add_parser("sample", help="write synthetic knee phantoms and a manifest.csv")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--subjects", type=int, default=4)
+    p.add_argument("dir", type=Path, help="folder for the phantoms and manifest.csv")
+    p.add_argument("--subjects", type=int, default=4, help="number of knees (default: 4)")
     p.add_argument("--size", choices=["clinical", "small"], default="clinical",
                    help="clinical: 512x512x~200 at 0.35x0.35x0.8 mm (default); small: for tests")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms (default: 0)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("build-model", help="inflate DenseNet121 to 3D and write the model file")
@@ -323,14 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imagenet (torchvision download/cache, default), random (seeded; tests and "
                         "offline demos only) or a torchvision densenet121 .pth")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random")
-    p.add_argument("--out", type=Path, default=Path("model3d_state_dict.pth"))
+    p.add_argument("--out", type=Path, default=Path("model3d_state_dict.pth"),
+                   help="the model file to write, with its sidecar .json beside it (default: "
+                        "%(default)s)")
     p.set_defaults(func=_cmd_build_model)
 
     p = sub.add_parser("extract", help="one knee: features and similarities into OUT/subjects/ID")
     p.add_argument("--ct", type=Path, required=True, help="CT file or DICOM series folder")
     p.add_argument("--mask", type=Path, required=True, help="label mask (1 tibia, 2 femur)")
-    p.add_argument("--subject-id", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--subject-id", required=True,
+                   help="the knee's id: letters, digits, '.', '_', '-' (names its folder)")
+    p.add_argument("--out", type=Path, required=True, help="the output folder")
     p.add_argument("--side", default=None, help="L (mirrored) or R; default: unknown")
     p.add_argument("--model", default=None, help="model file (default: $KNEEBATCH_MODEL)")
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable)")
@@ -343,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="preflight a manifest: files, headers, geometry, mask "
                                         "label values; no model")
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=Path, help="cohort CSV: subject_id,ct,mask[,side,...]")
     p.add_argument("--headers-only", action="store_true",
                    help="check files, headers and geometry only (skip reading each mask's labels)")
     add_read_timeout(p)
@@ -352,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="a whole manifest on dask, gathered into Parquet")
-    p.add_argument("manifest", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("manifest", type=Path, help="cohort CSV: subject_id,ct,mask[,side,...]")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the output folder (a rerun with the same OUT resumes)")
     p.add_argument("--model", default=None, help="model file (default: $KNEEBATCH_MODEL)")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes (default: usable CPUs / 2, from SLURM_CPUS_PER_TASK or "
@@ -393,24 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("job-script", help="print the worker job script --cluster slurm submits")
-    p.add_argument("--threads-per-worker", type=int, default=2)
+    p.add_argument("--threads-per-worker", type=int, default=2,
+                   help="compute threads of each dask worker in the job (default: 2)")
     add_slurm_options(p)
     p.set_defaults(func=_cmd_job_script)
 
     p = sub.add_parser("report", help="QC pictures per subject and cohort figures in OUT/report")
-    p.add_argument("out", type=Path)
+    _add_out_folder(p)
     p.add_argument("--no-qc", action="store_true", help="cohort figures only")
     p.add_argument("--redo-qc", action="store_true", help="redraw existing qc.png too")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("status", help="finished / failed / running / pending subjects, rate, ETA")
-    p.add_argument("out", type=Path)
+    _add_out_folder(p)
     p.add_argument("manifest", type=Path, nargs="?", default=None,
                    help="count against this manifest (default: the last run's)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("gather", help="rebuild the Parquet datasets from OUT/subjects")
-    p.add_argument("out", type=Path)
+    _add_out_folder(p)
     p.set_defaults(func=_cmd_gather)
     return parser
 
@@ -435,6 +477,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "out_option"):
+        if getattr(args, "manifest", "") is None and args.out and args.out_option:
+            args.manifest, args.out = args.out, None  # `status --out OUT MANIFEST`
+        if args.out and args.out_option and args.out != args.out_option:
+            parser.error(f"OUT is given twice ({args.out} and --out {args.out_option}); give one.")
+        args.out = args.out_option or args.out
+        if args.out is None:
+            parser.error(f"{args.command} needs the output folder: kneebatch {args.command} OUT "
+                         "(or --out OUT)")
     _setup_logging(args.debug, args.quiet)
     try:
         return int(args.func(args))

@@ -150,8 +150,10 @@ def add_slurm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm-cores", type=int, default=8, help="cores per job (default: 8)")
     group.add_argument("--slurm-memory", default="32GB", help="memory per job (default: 32GB)")
     group.add_argument("--slurm-walltime", default="04:00:00", help="per job (default: 04:00:00)")
-    group.add_argument("--slurm-partition", default=None)
-    group.add_argument("--slurm-account", default=None)
+    group.add_argument("--slurm-partition", default=None,
+                       help="partition of the worker jobs (default: the site's)")
+    group.add_argument("--slurm-account", default=None,
+                       help="account the worker jobs are charged to (default: yours)")
     group.add_argument("--slurm-directive", action="append", default=[], metavar="OPT",
                        help="extra #SBATCH option, e.g. --slurm-directive=--qos=long (repeatable)")
     group.add_argument("--slurm-max-jobs", type=int, default=4,

@@ -67,6 +67,9 @@ def check_owned(out: Path) -> None:
         OutputError: OUT or its bookkeeping folder is missing.
         ConfigError: naming the paths that are not kneebatch's.
     """
+    if not out.is_dir():
+        raise OutputError(f"{out} does not exist (or is not a folder); give the folder a "
+                          "`kneebatch run ... --out` wrote.")
     if not (out / BOOKKEEPING).is_dir():
         raise OutputError(f"{out} is not a kneebatch output folder (no {BOOKKEEPING}/ in it); "
                           f"run `kneebatch run MANIFEST --out {out}` first.")

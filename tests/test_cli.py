@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kneebatch.cli import main
+from kneebatch.cli import build_parser, main
 from kneebatch.config import ExtractionConfig
 from kneebatch.manifest import SubjectSpec
 from kneebatch.network.model import get_model
@@ -155,3 +156,43 @@ def test_python_dash_m_and_console_script_answer_help() -> None:
     script = Path(sys.executable).with_name("kneebatch")
     assert subprocess.run([str(script), "--version"], capture_output=True, text=True,
                           check=True).stdout.startswith("kneebatch ")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    parser = build_parser()
+    missing = [f"{name} {action.dest}" for name, sub in {"": parser, **_subparsers(parser)}.items()
+               for action in sub._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert missing == []
+    assert "knee CT" in parser.description and "Command line" not in parser.description
+
+
+@pytest.mark.parametrize("argv", [["gather", "OUT", "--quiet"], ["--quiet", "gather", "OUT"],
+                                  ["gather", "--out", "OUT", "--quiet"]],
+                         ids=["flag-after", "flag-before", "out-option"])
+def test_global_flags_and_out_work_on_either_side_of_the_subcommand(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert args.quiet is True and args.debug is False
+    assert Path("OUT") in (args.out, args.out_option)
+
+
+def test_every_command_that_takes_an_output_folder_accepts_out() -> None:
+    for name, sub in _subparsers(build_parser()).items():
+        if name in ("sample", "job-script", "validate"):
+            continue
+        assert "--out" in sub._option_string_actions, name
+
+
+@pytest.mark.parametrize("command", ["report", "gather", "status"])
+def test_missing_output_folder_is_one_line(command: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--out", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err and "Traceback" not in err

@@ -11,8 +11,10 @@ import torch
 from torchvision.models import densenet121
 
 from kneebatch.errors import WeightsError
+from kneebatch.network.checkpoints import is_published_imagenet, published_imagenet_prefix
 from kneebatch.network.model import (
     build_model,
+    check_model_file,
     get_model,
     grey_input,
     load_model,
@@ -129,3 +131,26 @@ def test_get_model_loads_once_per_process(model_path: Path) -> None:
     loads = model_loads()
     assert get_model(model_path) is first
     assert model_loads() == loads
+
+
+def test_files_given_to_the_wrong_option_get_the_command_that_fits(
+        tmp_path: Path, model_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    checkpoint = tmp_path / "densenet121-local.pth"
+    torch.save(densenet121(weights=None).state_dict(), checkpoint)
+    with pytest.raises(WeightsError, match=r"2D checkpoint.*build it first: kneebatch build-model "
+                                           r"--weights .*densenet121-local.pth"):
+        check_model_file(checkpoint)
+    with pytest.raises(WeightsError, match=r"already a kneebatch 3D model.*--model"):
+        build_model(weights=str(model_path))
+    # A checkpoint that is not torchvision's published file is recorded as a file, with a warning.
+    with caplog.at_level("WARNING"):
+        _, source = build_model(weights=str(checkpoint))
+    assert source.startswith("file:densenet121-local.pth:sha256=")
+    assert "not torchvision's published ImageNet DenseNet121 file" in caplog.text
+
+
+def test_torchvisions_published_imagenet_hash_is_recognised() -> None:
+    prefix = published_imagenet_prefix()
+    assert prefix == "a639ec97"  # densenet121-a639ec97.pth, torchvision's IMAGENET1K_V1
+    assert is_published_imagenet(prefix + "0" * 56)
+    assert not is_published_imagenet("0" * 64)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -25,8 +26,15 @@ from torchvision.models import DenseNet121_Weights, densenet121
 
 from kneebatch import __version__
 from kneebatch.errors import WeightsError
+from kneebatch.network.checkpoints import (
+    checkpoint_kind,
+    is_published_imagenet,
+    published_imagenet_prefix,
+)
 from kneebatch.network.inflate import collapse_input_channels, inflate
 from kneebatch.network.lean import make_lean
+
+log = logging.getLogger(__name__)
 
 # The file holds the inflated network with conv0's three colour channels; each load collapses conv0
 # to one grey channel the way the extraction settings ask (``input_norm``). Files of the older
@@ -126,6 +134,11 @@ def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
             f"--weights {weights!r} is neither 'imagenet', 'random' nor an existing file. "
             "Give the path of a torchvision DenseNet121 checkpoint (.pth)."
         )
+    if checkpoint_kind(path) == "3d":
+        raise WeightsError(
+            f"{path} is already a kneebatch 3D model file, not a torchvision 2D checkpoint: use it "
+            f"as it is, `--model {path}` (build-model --weights takes torchvision's "
+            "densenet121-*.pth).")
     net = densenet121(weights=None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,7 +148,13 @@ def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
             f"Could not load DenseNet121 weights from {path}: {str(exc)[:300]}. Expected a torchvision "
             "densenet121 state dict such as torchvision's densenet121-a639ec97.pth."
         ) from exc
-    return net, f"file:{path.name}:sha256={file_sha256(path)[:16]}"
+    sha256 = file_sha256(path)
+    if is_published_imagenet(sha256):
+        return net, "imagenet:IMAGENET1K_V1"  # the very file torchvision downloads
+    log.warning("%s is not torchvision's published ImageNet DenseNet121 file (sha256 %s..., "
+                "expected %s...): recorded as a file of its own, not as 'imagenet'", path,
+                sha256[:8], published_imagenet_prefix())
+    return net, f"file:{path.name}:sha256={sha256[:16]}"
 
 
 def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequential, str]:
@@ -207,6 +226,11 @@ def read_model_info(path: Path) -> ModelInfo:
         WeightsError: the file or sidecar is missing, or the sha256 does not match.
     """
     side = sidecar_path(path)
+    if path.is_file() and not side.is_file() and checkpoint_kind(path) == "2d":
+        raise WeightsError(
+            f"{path} is a torchvision 2D checkpoint, not a kneebatch model: build it first: "
+            f"kneebatch build-model --weights {path} --out model3d_state_dict.pth (then pass "
+            "--model model3d_state_dict.pth).")
     if not path.is_file():
         raise WeightsError(
             f"Model file {path} does not exist. Build it once with `kneebatch build-model --out "
