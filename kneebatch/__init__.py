@@ -5,7 +5,8 @@ The public API (imported lazily, so ``import kneebatch`` stays instant)::
     build_model(weights="imagenet" | "random" | PATH, seed=0) -> (network, weights source)
     extract_subject(ct, mask, model_path, subject_id=..., side=..., config=...) -> SubjectResult
     run_cohort(manifest, out, model_path, client=None, config=..., ...) -> RunSummary
-    read_results(out) -> Results(similarities, features, failures)
+    read_results(out) -> Results(similarities, features, regions, failures)
+    feature_matrix(out, layer=None, region=None) -> wide subject x feature DataFrame
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ExtractionConfig", "build_model", "extract_subject", "read_results", "run_cohort"]
+__all__ = ["ExtractionConfig", "build_model", "extract_subject", "feature_matrix", "read_results",
+           "run_cohort"]
 
 if TYPE_CHECKING:
     from kneebatch.api import extract_subject, read_results
     from kneebatch.config import ExtractionConfig
     from kneebatch.network.model import build_model
     from kneebatch.run import run_cohort
+    from kneebatch.tables import feature_matrix
 
 _HOMES = {"build_model": "kneebatch.network.model", "extract_subject": "kneebatch.api",
           "read_results": "kneebatch.api", "run_cohort": "kneebatch.run",
-          "ExtractionConfig": "kneebatch.config"}
+          "ExtractionConfig": "kneebatch.config", "feature_matrix": "kneebatch.tables"}
 
 
 def __getattr__(name: str) -> Any:

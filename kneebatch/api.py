@@ -20,6 +20,7 @@ class Results:
 
     similarities: pd.DataFrame
     features: pd.DataFrame
+    regions: pd.DataFrame
     failures: pd.DataFrame
 
 
@@ -56,5 +57,7 @@ def read_results(out: Path | str) -> Results:
     return Results(
         similarities=pd.read_parquet(out / "similarities"),
         features=pd.read_parquet(out / "features"),
+        regions=(pd.read_parquet(out / "regions") if (out / "regions").is_dir()
+                 else pd.DataFrame()),
         failures=pd.read_csv(failures) if failures.is_file() else pd.DataFrame(),
     )

@@ -229,7 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"Per-subject results in {summary.out / 'subjects'}; build the Parquet with "
               f"`kneebatch gather {summary.out}` once every shard is done.")
     else:
-        print(f"Results in {summary.out}: similarities/ and features/ (Parquet), run.json, "
+        print(f"Results in {summary.out}: similarities/, features/ and regions/ (Parquet), run.json, "
               "failures.csv, subjects/")
         _print_summary_table(summary.out)
     if summary.failed:
@@ -273,6 +273,26 @@ def _cmd_gather(args: argparse.Namespace) -> int:
         print(f"{len(result.pending)} subject(s) of the manifest have no current result yet "
               f"(e.g. {', '.join(result.pending[:3])}); rerun `kneebatch run` to compute them.")
     return EXIT_FAILED if result.pending else EXIT_OK
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from kneebatch.merge import merge_runs
+
+    result = merge_runs(args.runs, args.out)
+    print(f"Merged {len(result.sources)} run folder(s) into {args.out}: {result.subjects} "
+          f"subject(s) in similarities/, features/ and regions/; {result.failures} failure(s) "
+          "in failures.csv")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kneebatch.outdir import check_owned
+    from kneebatch.tables import export_wide
+
+    check_owned(args.out)
+    matrix = export_wide(args.out, args.wide, args.layer, args.region)
+    print(f"Wrote {args.wide}: {matrix.shape[0]} subject(s) x {matrix.shape[1]} feature(s)")
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -454,6 +474,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gather", help="rebuild the Parquet datasets from OUT/subjects")
     _add_out_folder(p)
     p.set_defaults(func=_cmd_gather)
+
+    p = sub.add_parser("merge", help="one dataset from several run folders of the same settings")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run folders (each gathered), made with the same settings and model")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the merged folder to write (new, empty, or an earlier merge)")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("export", help="the features as one wide subject x feature table")
+    _add_out_folder(p)
+    p.add_argument("--wide", type=Path, required=True, metavar="FILE",
+                   help="the table to write: FILE.parquet (or FILE.csv), one row per subject, "
+                        "columns <region>.<layer>.<i>")
+    p.add_argument("--layer", default=None, help="only this layer (default: every layer)")
+    p.add_argument("--region", default=None, help="only this region (default: all three)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

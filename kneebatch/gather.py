@@ -1,5 +1,5 @@
-"""Gather stage: per-subject files -> the Parquet datasets ``OUT/similarities/`` and ``OUT/features/``,
-``failures.csv`` and ``run.json``.
+"""Gather stage: per-subject files -> the Parquet datasets ``OUT/similarities/``, ``OUT/features/``
+and ``OUT/regions/``, ``failures.csv`` and ``run.json``.
 
 Gather takes exactly the subjects of the last run's manifest (every finished folder when OUT was
 written by ``extract`` alone), each with the key that run expects. It is total: a subject folder with
@@ -27,11 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kneebatch.extras import ARROW_TYPES, convert, infer_types
 from kneebatch.failures import current_failures, write_failures_csv
 from kneebatch.labels import LabelMap
+from kneebatch.merge import check_not_merged
 from kneebatch.outdir import (
     DATASETS,
     OLD_DEBRIS,
+    SCHEMA_VERSION,
     check_owned,
     folder_settings,
     gather_lock,
@@ -40,6 +43,8 @@ from kneebatch.outdir import (
     unwritable,
 )
 from kneebatch.records import DoneRecord, FailureRecord, RunRecord
+from kneebatch.region_stats import STAT_COLUMNS
+from kneebatch.similarity import SimilarityRow
 from kneebatch.store import DamagedResult, read_done, read_result, subject_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ class GatherResult:
         pending: subjects of the manifest with neither a current result nor a failure.
         left_out: folders under ``subjects/`` that are not in the manifest (not gathered).
         kept_previous: the existing, larger Parquet was kept (a stopped run never shrinks it).
+        extra_types: the manifest's extra columns and the type each has in the Parquet.
     """
 
     subjects: int
@@ -68,11 +74,13 @@ class GatherResult:
     pending: tuple[str, ...] = ()
     left_out: int = 0
     kept_previous: bool = False
+    extra_types: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What ``run.json`` records of the Parquet."""
         return {"subjects": self.subjects, "failures": self.failures, "pending": len(self.pending),
-                "left_out_folders": self.left_out, "kept_previous": self.kept_previous}
+                "left_out_folders": self.left_out, "kept_previous": self.kept_previous,
+                "extra_types": self.extra_types}
 
 
 @dataclasses.dataclass
@@ -124,23 +132,27 @@ def _survey(out: Path) -> _Survey:
     return survey
 
 
-def _schemas(extra_columns: list[str], provenance: dict[str, Any]) -> tuple[pa.Schema, pa.Schema]:
-    meta = {b"kneebatch": json.dumps(provenance, sort_keys=True).encode()}
+def _schemas(extra_types: dict[str, str], provenance: dict[str, Any]) -> dict[str, pa.Schema]:
+    meta = {b"kneebatch": json.dumps({**provenance, "schema_version": SCHEMA_VERSION,
+                                      "extra_types": extra_types}, sort_keys=True).encode()}
     prov = [(c, pa.string()) for c in PROVENANCE]
+    extras = [(c, ARROW_TYPES[kind]) for c, kind in extra_types.items()]
     sims = pa.schema([("subject_id", pa.string()), ("layer", pa.string()),
                       ("region_a", pa.string()), ("region_b", pa.string()),
-                      ("cosine", pa.float64())] + [(c, pa.string()) for c in extra_columns]
-                     + [("warnings", pa.string()), *prov],
+                      ("cosine", pa.float64()), *extras, ("warnings", pa.string()), *prov],
                      metadata=meta)
     feats = pa.schema([("subject_id", pa.string()), ("region", pa.string()),
                        ("layer", pa.string()), ("dim", pa.int32()),
                        ("vector", pa.list_(pa.float32())), *prov], metadata=meta)
-    return sims, feats
+    stats = [("voxels", pa.int64())] + [(c, pa.float64()) for c in STAT_COLUMNS if c != "voxels"]
+    regions = pa.schema([("subject_id", pa.string()), ("region", pa.string()), *stats, *extras,
+                         *prov], metadata=meta)
+    return {"similarities": sims, "features": feats, "regions": regions}
 
 
 @contextlib.contextmanager
-def _writers(out: Path, schemas: tuple[pa.Schema, pa.Schema]) -> Iterator[
-        tuple[pq.ParquetWriter, pq.ParquetWriter, list[tuple[Path, Path]]]]:
+def _writers(out: Path, schemas: dict[str, pa.Schema]) -> Iterator[
+        tuple[dict[str, pq.ParquetWriter], list[tuple[Path, Path]]]]:
     """Writers to temporary files beside each dataset's part; the caller renames them in."""
     token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
     moves = []
@@ -148,9 +160,10 @@ def _writers(out: Path, schemas: tuple[pa.Schema, pa.Schema]) -> Iterator[
         (out / name).mkdir(exist_ok=True)
         moves.append((out / name / f".{PART}.{token}.tmp", out / name / PART))
     try:
-        with pq.ParquetWriter(moves[0][0], schemas[0]) as sims, \
-                pq.ParquetWriter(moves[1][0], schemas[1]) as feats:
-            yield sims, feats, moves
+        with contextlib.ExitStack() as stack:
+            writers = {name: stack.enter_context(pq.ParquetWriter(tmp, schemas[name]))
+                       for name, (tmp, _) in zip(DATASETS, moves, strict=True)}
+            yield writers, moves
     finally:
         for tmp, _ in moves:
             with contextlib.suppress(FileNotFoundError):
@@ -165,13 +178,34 @@ def _subjects_in(path: Path) -> int:
         return 0
 
 
+def _rows(done: DoneRecord, rows: list[SimilarityRow], vectors: dict[str, np.ndarray],
+          extra_types: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """One finished subject's rows of each dataset."""
+    prov = {"run_id": done.run_id, "weights": done.weights, "model_sha256": done.model_sha256,
+            "config_hash": done.config_hash, "labels": done.labels or str(LabelMap())}
+    extras = {c: convert(done.extra.get(c), kind) for c, kind in extra_types.items()}
+    warnings = "; ".join(done.warnings)
+    sims = [{**dataclasses.asdict(row), **extras, "warnings": warnings, **prov} for row in rows]
+    feats = []
+    for key, vector in vectors.items():
+        region, layer = key.split(".", 1)
+        feats.append({"subject_id": done.subject_id, "region": region, "layer": layer,
+                      "dim": int(vector.shape[0]), "vector": np.asarray(vector, np.float32),
+                      **prov})
+    regions = [{"subject_id": done.subject_id, "region": region, **stats, **extras, **prov}
+               for region, stats in done.regions.items()]
+    return {"similarities": sims, "features": feats, "regions": regions}
+
+
 def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: bool = False,
            batch: int = 256) -> GatherResult:
-    """Build ``OUT/similarities/``, ``OUT/features/`` and ``OUT/failures.csv`` from ``OUT/subjects``.
+    """Build the Parquet datasets (``OUT/similarities/``, ``OUT/features/``, ``OUT/regions/``)
+    and ``OUT/failures.csv`` from ``OUT/subjects``.
 
     Args:
         out: the output folder.
-        provenance: stored as JSON in both datasets' schema metadata.
+        provenance: stored as JSON in every dataset's schema metadata, with the schema version
+            and the extra columns' types.
         keep_larger: keep the existing Parquet when it holds more subjects (a stopped run).
         batch: subjects per Parquet row group.
 
@@ -181,14 +215,15 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
     with gather_lock(out):
         _clear_debris(out)
         survey = _survey(out)
-        extra_columns = sorted({k for _, d in survey.finished for k in d.extra})
-        schemas = _schemas(extra_columns, provenance or {})
+        manifest = read_manifest_record(out)
+        extra_types = (manifest.extra_types if manifest and manifest.extra_types
+                       else infer_types(d.extra for _, d in survey.finished))
+        schemas = _schemas(extra_types, provenance or {})
         gathered: list[str] = []
-        sim_rows = feat_rows = 0
-        with _writers(out, schemas) as (sims, feats, moves):
+        counts = dict.fromkeys(DATASETS, 0)
+        with _writers(out, schemas) as (writers, moves):
             for start in range(0, len(survey.finished), batch):
-                s_cols: dict[str, list[Any]] = {f.name: [] for f in schemas[0]}
-                f_cols: dict[str, list[Any]] = {f.name: [] for f in schemas[1]}
+                tables: dict[str, list[dict[str, Any]]] = {name: [] for name in DATASETS}
                 for folder, done in survey.finished[start:start + batch]:
                     try:
                         rows, vectors = read_result(folder, done)
@@ -199,28 +234,13 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
                             "gather", done.ct, done.mask))
                         continue
                     gathered.append(done.subject_id)
-                    prov = {"run_id": done.run_id, "weights": done.weights,
-                            "model_sha256": done.model_sha256, "config_hash": done.config_hash,
-                            "labels": done.labels or str(LabelMap())}
-                    for row in rows:
-                        for key, value in {**dataclasses.asdict(row), **prov}.items():
-                            s_cols[key].append(value)
-                        for column in extra_columns:
-                            s_cols[column].append(done.extra.get(column))
-                        s_cols["warnings"].append("; ".join(done.warnings))
-                    for key, vector in vectors.items():
-                        region, layer = key.split(".", 1)
-                        values = {"subject_id": done.subject_id, "region": region, "layer": layer,
-                                  "dim": int(vector.shape[0]),
-                                  "vector": np.asarray(vector, np.float32), **prov}
-                        for column, value in values.items():
-                            f_cols[column].append(value)
-                sims.write_table(pa.table(s_cols, schema=schemas[0]))
-                feats.write_table(pa.table(f_cols, schema=schemas[1]))
-                sim_rows += len(s_cols["subject_id"])
-                feat_rows += len(f_cols["subject_id"])
-            sims.close()
-            feats.close()
+                    for name, new in _rows(done, rows, vectors, extra_types).items():
+                        tables[name] += new
+                for name, writer in writers.items():
+                    writer.write_table(pa.Table.from_pylist(tables[name], schema=schemas[name]))
+                    counts[name] += len(tables[name])
+            for writer in writers.values():
+                writer.close()
             kept = keep_larger and _subjects_in(moves[0][1]) > len(gathered)
             if kept:
                 log.warning("kept the existing Parquet in %s: it holds more subjects than this "
@@ -238,8 +258,8 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
     if survey.left_out:
         log.info("left %d folder(s) under %s out of the Parquet: not in the last run's manifest",
                  survey.left_out, out / "subjects")
-    return GatherResult(len(gathered), sim_rows, feat_rows, failures, pending, survey.left_out,
-                        kept)
+    return GatherResult(len(gathered), counts["similarities"], counts["features"], failures,
+                        pending, survey.left_out, kept, extra_types)
 
 
 def _over_shards(out: Path, record: RunRecord) -> RunRecord:
@@ -270,6 +290,7 @@ def gather_run(out: Path, record: RunRecord | None = None, *,
         ConfigError: OUT holds paths kneebatch did not make.
     """
     check_owned(out)
+    check_not_merged(out, "gather")
     if record is None:
         records = run_records(out)
         settings = folder_settings(out)
@@ -283,7 +304,8 @@ def gather_run(out: Path, record: RunRecord | None = None, *,
         record = _over_shards(out, record)
     try:
         result = gather(out, provenance=record.provenance(), keep_larger=keep_larger)
-        summary = dataclasses.replace(record, parquet=result.summary())
+        summary = dataclasses.replace(record, parquet=result.summary(),
+                                      schema_version=SCHEMA_VERSION)
         write_text_atomic(out / "run.json", summary.to_json())
     except OSError as exc:
         raise unwritable(out, exc) from exc

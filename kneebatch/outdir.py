@@ -22,7 +22,8 @@ BOOKKEEPING = ".kneebatch"
 SETTINGS = f"{BOOKKEEPING}/settings.json"
 MANIFEST = f"{BOOKKEEPING}/manifest.json"
 RUNS_DIR = f"{BOOKKEEPING}/runs"  # one JSON per run (or array shard); run.json is the latest
-DATASETS = ("similarities", "features")
+DATASETS = ("similarities", "features", "regions")
+SCHEMA_VERSION = 2  # the layout of the Parquet datasets; in their metadata and in run.json
 # Everything kneebatch may put at the top of OUT.
 OURS = frozenset({BOOKKEEPING, "subjects", *DATASETS, "run.json", "failures.csv", "report"})
 _DATASET_FILE = re.compile(r"^(part-\d+\.parquet|\.part-\d+\.parquet\.[0-9a-f.]+\.tmp)$")

@@ -67,6 +67,7 @@ class DoneRecord(_Record):
         files: name -> size and sha256 of each result file written before this record.
         side, ct, mask, extra, labels: the subject's inputs as the manifest gave them
             (``labels`` as ``tibia=1,femur=2``).
+        regions: region -> volume and HU statistics on the native grid (``region_stats``).
         warnings: per-subject warnings (e.g. unknown mask labels).
         forward: the ``ForwardOptions`` the forward pass ran with.
     """
@@ -85,6 +86,7 @@ class DoneRecord(_Record):
     mask: str = ""
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
     labels: str = ""
+    regions: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     spacing_mm: list[float] = dataclasses.field(default_factory=list)
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     boxes: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
@@ -148,11 +150,14 @@ class RunRecord(_Record):
     wall_s: float = 0.0
     stopped: bool = False
     parquet: dict[str, Any] = dataclasses.field(default_factory=dict)
+    schema_version: int = 0
+    sources: list[str] = dataclasses.field(default_factory=list)
 
     def provenance(self) -> dict[str, Any]:
         """What the Parquet schema metadata records of this run."""
         return {"run_id": self.run_id, "model_sha256": self.model_sha256, "weights": self.weights,
-                "config_hash": self.config_hash, "config": self.config, "versions": self.versions}
+                "config_hash": self.config_hash, "config": self.config, "versions": self.versions,
+                "labels": self.labels}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,3 +190,4 @@ class ManifestRecord(_Record):
     subjects: dict[str, str]
     path: str | None = None
     sha256: str | None = None
+    extra_types: dict[str, str] = dataclasses.field(default_factory=dict)

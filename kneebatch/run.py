@@ -25,6 +25,7 @@ from kneebatch.claims import holder
 from kneebatch.cluster import Connection
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError
+from kneebatch.extras import infer_types
 from kneebatch.failures import (
     clear_failure,
     current_failures,
@@ -37,6 +38,7 @@ from kneebatch.io import READ_TIMEOUT_S
 from kneebatch.key import subject_key
 from kneebatch.labels import LabelMap
 from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
+from kneebatch.merge import check_not_merged
 from kneebatch.network.model import check_model_file, file_sha256
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record, unwritable
@@ -216,6 +218,7 @@ def run_cohort(
                     info.weights)
     config_hash = config.hash()
     claim_out(out)
+    check_not_merged(out, "run")
     check_settings(out, SettingsRecord(config_hash, info.sha256, info.weights, config.to_dict()),
                    overwrite=overwrite)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -223,7 +226,8 @@ def run_cohort(
     t0 = time.perf_counter()
     keys = {s.subject_id: subject_key(s, config_hash, info.sha256) for s in specs}
     manifest_record = ManifestRecord(keys, str(manifest_path.resolve()) if manifest_path else None,
-                                     file_sha256(manifest_path) if manifest_path else None)
+                                     file_sha256(manifest_path) if manifest_path else None,
+                                     infer_types(s.extra for s in specs))
     save_manifest(out, manifest_record)
     states = {s.subject_id: result_state(out, s.subject_id, keys[s.subject_id]) for s in mine}
     todo = [s for s in mine if overwrite or states[s.subject_id] is not State.FINISHED]

@@ -29,6 +29,7 @@ from kneebatch.network.features import extract_features
 from kneebatch.network.model import LoadedModel, get_model, model_info
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.records import DoneRecord
+from kneebatch.region_stats import RegionStats, region_stats
 from kneebatch.regions import Regions, make_regions
 from kneebatch.runtime import SUBJECTS_IN_PROGRESS, release_memory
 from kneebatch.similarity import SimilarityRow, similarities
@@ -52,6 +53,7 @@ class SubjectResult:
         side: the knee's side as given.
         qc_png: the QC picture, when asked for.
         warnings: what the user should know about this subject's inputs.
+        region_stats: region -> volume and HU statistics on the native grid.
     """
 
     subject_id: str
@@ -64,6 +66,7 @@ class SubjectResult:
     side: str | None
     qc_png: bytes | None = None
     warnings: tuple[str, ...] = ()
+    region_stats: dict[str, RegionStats] = dataclasses.field(default_factory=dict)
 
 
 Status = Literal["finished", "failed", "claimed", "skipped"]
@@ -98,6 +101,7 @@ class Prepared:
     timings_s: dict[str, float]
     warnings: tuple[str, ...]
     qc_png: bytes | None
+    region_stats: dict[str, RegionStats]
 
 
 def prepare_subject(spec: SubjectSpec, config: ExtractionConfig, *, stage: list[str],
@@ -118,9 +122,12 @@ def prepare_subject(spec: SubjectSpec, config: ExtractionConfig, *, stage: list[
     stage.append("preprocess")
     start = time.perf_counter()
     regions = make_regions(scan, config)
+    timings["preprocess"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stats = region_stats(scan, regions)
     warnings = scan.warnings
     del scan
-    timings["preprocess"] = time.perf_counter() - start
+    timings["region_stats"] = time.perf_counter() - start
     qc_png = None
     if qc:
         stage.append("qc")
@@ -128,7 +135,7 @@ def prepare_subject(spec: SubjectSpec, config: ExtractionConfig, *, stage: list[
 
         qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
                                              weights))
-    return Prepared(regions, timings, warnings, qc_png)
+    return Prepared(regions, timings, warnings, qc_png, stats)
 
 
 def forward_subject(spec: SubjectSpec, prepared: Prepared, config: ExtractionConfig,
@@ -165,6 +172,7 @@ def forward_subject(spec: SubjectSpec, prepared: Prepared, config: ExtractionCon
         side=spec.side,
         qc_png=prepared.qc_png,
         warnings=prepared.warnings,
+        region_stats=prepared.region_stats,
     )
 
 
@@ -214,6 +222,7 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         mask=str(spec.mask),
         extra=dict(spec.extra),
         labels=str(spec.labels),
+        regions={name: stats.to_dict() for name, stats in result.region_stats.items()},
         spacing_mm=list(result.spacing_mm),
         shapes={r: list(s) for r, s in result.shapes.items()},
         boxes={r: [list(b) for b in box] for r, box in result.boxes.items()},

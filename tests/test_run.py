@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import SimpleITK as sitk
 
 from kneebatch.cli import main
 from kneebatch.manifest import read_manifest
@@ -97,7 +98,10 @@ def test_a_cohort_gives_parquet_per_subject_files_and_a_failure_list(first_run: 
     record = json.loads((first_run / "run.json").read_text())
     assert record["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "changed": 0}
     assert record["parquet"] == {"subjects": 4, "failures": 1, "pending": 0, "left_out_folders": 0,
-                                 "kept_previous": False}
+                                 "kept_previous": False,
+                                 "extra_types": {"age": "int64", "site": "string"}}
+    assert record["schema_version"] == meta["schema_version"] == 2
+    assert sims["age"].dtype == np.int64 and pd.api.types.is_string_dtype(sims["site"])
     assert record["weights"] == "random:seed=0" and record["stopped"] is False
     assert {"read", "preprocess", "forward.background", "write"} <= set(record["stage_seconds"])
     # the per-subject files hold the same numbers as the Parquet
@@ -107,6 +111,42 @@ def test_a_cohort_gives_parquet_per_subject_files_and_a_failure_list(first_run: 
     filtered = pd.read_parquet(first_run / "similarities",
                                filters=[("layer", "==", "denseblock4")])
     assert set(filtered["layer"]) == {"denseblock4"} and len(filtered) == 12
+
+
+def test_regions_dataset_has_volumes_and_hu_of_each_region(first_run: Path) -> None:
+    regions = pd.read_parquet(first_run / "regions")
+    assert sorted(regions["subject_id"].unique()) == GOOD and len(regions) == 4 * 3
+    assert set(regions["region"]) == {"tibia", "femur", "background"}
+    one = regions[regions["subject_id"] == "knee001"].set_index("region")
+    done = json.loads((first_run / "subjects" / "knee001" / "done.json").read_text())
+    voxel_ml = np.prod(sitk.ReadImage(done["ct"]).GetSpacing()) / 1000  # the native grid's
+    assert voxel_ml != pytest.approx(np.prod(done["spacing_mm"]) / 1000)  # not the 1 mm grid's
+    for region in ("tibia", "femur", "background"):
+        assert one.loc[region, "volume_ml"] == pytest.approx(one.loc[region, "voxels"] * voxel_ml,
+                                                             abs=1e-3)
+        assert (one.loc[region, "hu_p5"] <= one.loc[region, "hu_p50"]
+                <= one.loc[region, "hu_p95"])
+    assert one.loc["tibia", "hu_mean"] > 200 > one.loc["background", "hu_mean"]  # bone vs tissue
+    assert regions["age"].dtype == np.int64
+
+
+def test_feature_matrix_and_export_wide(first_run: Path, tmp_path: Path) -> None:
+    from kneebatch import feature_matrix
+
+    wide = feature_matrix(first_run)
+    assert wide.index.tolist() == GOOD and wide.shape == (4, 3 * (512 + 1024 + 1024))
+    assert wide.columns[0] == "tibia.denseblock2.0" and wide.columns[-1] == "background.denseblock4.1023"
+    one = feature_matrix(first_run, layer="denseblock4", region="femur")
+    assert one.shape == (4, 1024)
+    vectors = features(first_run)
+    for sid in GOOD:
+        np.testing.assert_array_equal(one.loc[sid].to_numpy(), vectors[(sid, "femur", "denseblock4")])
+        np.testing.assert_array_equal(wide.loc[sid, one.columns].to_numpy(), one.loc[sid].to_numpy())
+    target = tmp_path / "wide.parquet"
+    assert main(["export", str(first_run), "--wide", str(target), "--layer", "denseblock4"]) == 0
+    exported = pd.read_parquet(target)
+    assert exported.shape == (4, 3 * 1024)
+    pd.testing.assert_frame_equal(exported, wide[exported.columns])
 
 
 def test_readme_queries_run_as_written(first_run: Path, monkeypatch: pytest.MonkeyPatch,
@@ -233,6 +273,43 @@ def test_validate_reports_every_problem_from_headers(tmp_path: Path,
     assert "FAIL broken: Subject broken: CT" in printed and "does not exist" in printed
     assert "FAIL mismatch: Subject mismatch: mask" in printed and "size=" in printed
     assert "4 of 6 subject(s) look fine; 2 problem(s)." in printed
+
+
+@pytest.mark.slow
+def test_merge_of_shard_folders_equals_one_run_and_refuses_mixtures(
+        first_run: Path, cohort: Path, model_path: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    halves = [tmp_path / "a", tmp_path / "b"]
+    for i, out in enumerate(halves):
+        run(cohort, out, model_path, "--shard", f"{i}/2", "--workers", "2",
+            "--threads-per-worker", "1")  # first_run's layout: the same rounding
+    merged = tmp_path / "all"
+    assert main(["merge", *map(str, halves), "--out", str(merged)]) == 0
+    assert_same_results(merged, first_run)
+    regions = pd.read_parquet(merged / "regions").sort_values(["subject_id", "region"])
+    expected = pd.read_parquet(first_run / "regions").sort_values(["subject_id", "region"])
+    pd.testing.assert_frame_equal(regions.drop(columns="run_id").reset_index(drop=True),
+                                  expected.drop(columns="run_id").reset_index(drop=True))
+    assert pd.read_csv(merged / "failures.csv")["subject_id"].tolist() == ["broken"]
+    record = json.loads((merged / "run.json").read_text())
+    assert record["sources"] == [str(h.resolve()) for h in halves]
+    assert record["schema_version"] == 2
+    capsys.readouterr()
+    # a subject in two folders, other settings, and a run into the merged folder are refused
+    assert main(["merge", str(first_run), str(halves[0]), "--out", str(tmp_path / "x")]) == 2
+    assert "are in both" in capsys.readouterr().err
+    other = tmp_path / "coarse"
+    manifest = read_manifest(cohort)
+    assert main(["extract", "--ct", str(manifest[0].ct), "--mask", str(manifest[0].mask),
+                 "--subject-id", "solo", "--out", str(other), "--model", str(model_path),
+                 "--spacing", "2"]) == 0
+    assert main(["gather", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(first_run), str(other), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "spacing_mm 1.0 -> 2.0" in err and not (tmp_path / "y" / "similarities").exists()
+    assert run(cohort, merged, model_path) == 2
+    assert "made by `kneebatch merge`" in capsys.readouterr().err
 
 
 @pytest.mark.slow
