@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from kneebatch.config import ExtractionConfig
+from kneebatch.errors import ConfigError
 from kneebatch.labels import LabelMap
 from kneebatch.manifest import subject_spec
 from kneebatch.network.model import get_model
@@ -42,6 +43,10 @@ def extract_subject(ct: Path | str, mask: Path | str, model_path: Path | str, *,
     Raises:
         KneebatchError: bad input or model.
     """
+    if side is not None and side.strip().lower() == "both":
+        raise ConfigError("extract_subject computes one knee; for a bilateral scan call it "
+                          "through run_cohort (side 'both' in the manifest) or the command line "
+                          "`kneebatch extract --side both`.")
     if isinstance(labels, str):
         labels = LabelMap.parse(labels)
     spec = subject_spec(subject_id, ct, mask, side, labels)

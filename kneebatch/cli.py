@@ -90,7 +90,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import uuid
     from datetime import datetime, timezone
 
-    from kneebatch.manifest import subject_spec
+    from kneebatch.manifest import knees, subject_spec
     from kneebatch.network.model import get_model
     from kneebatch.network.options import compute_dtype
     from kneebatch.outdir import check_settings, claim_out
@@ -100,7 +100,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from kneebatch.subject import process_subject
 
     config = config_from_args(args)
-    spec = subject_spec(args.subject_id, args.ct, args.mask, args.side, args.labels)
+    specs = knees(subject_spec(args.subject_id, args.ct, args.mask, args.side, args.labels))
     configure_compute(args.threads or usable_cpus())
     compute_dtype(config.precision)
     model_path = _model_path(args)
@@ -110,19 +110,23 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     check_settings(args.out, SettingsRecord(config.hash(), model.info.sha256, model.info.weights,
                                             config.to_dict()), overwrite=args.overwrite)
     run_id = f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    outcome = process_subject(spec, config, model_path, args.out, run_id=run_id,
-                              overwrite=args.overwrite, options=forward_from_args(args))
-    if outcome.status == "claimed":
-        print(f"kneebatch: subject {spec.subject_id} is being computed by another process right "
-              "now; try again when it has finished.", file=sys.stderr)
-        return EXIT_FAILED
-    if outcome.status == "failed":
-        print(f"kneebatch: subject failed at {outcome.stage}: {outcome.error}", file=sys.stderr)
-        return EXIT_FAILED
-    folder = subject_dir(args.out, spec.subject_id)
-    _print_table(spec.subject_id, read_similarities(folder), model.info.weights)
-    print(f"Results in {folder}")
-    return EXIT_OK
+    code = EXIT_OK
+    for spec in specs:  # one knee, or both legs of a bilateral scan
+        outcome = process_subject(spec, config, model_path, args.out, run_id=run_id,
+                                  overwrite=args.overwrite, options=forward_from_args(args))
+        if outcome.status == "claimed":
+            print(f"kneebatch: subject {spec.subject_id} is being computed by another process "
+                  "right now; try again when it has finished.", file=sys.stderr)
+            code = EXIT_FAILED
+        elif outcome.status == "failed":
+            print(f"kneebatch: subject {spec.subject_id} failed at {outcome.stage}: "
+                  f"{outcome.error}", file=sys.stderr)
+            code = EXIT_FAILED
+        else:
+            folder = subject_dir(args.out, spec.subject_id)
+            _print_table(spec.subject_id, read_similarities(folder), model.info.weights)
+            print(f"Results in {folder}")
+    return code
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -391,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject-id", required=True,
                    help="the knee's id: letters, digits, '.', '_', '-' (names its folder)")
     p.add_argument("--out", type=Path, required=True, help="the output folder")
-    p.add_argument("--side", default=None, help="L (mirrored) or R; default: unknown")
+    p.add_argument("--side", default=None,
+                   help="L (mirrored), R, or both: a bilateral scan, split between the legs into "
+                        "ID_L and ID_R (default: unknown, not mirrored)")
     p.add_argument("--model", default=None, help="model file (default: $KNEEBATCH_MODEL)")
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable)")
     p.add_argument("--overwrite", action="store_true",

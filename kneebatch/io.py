@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from kneebatch.bilateral import take_leg
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import GeometryError, InputImageError
-from kneebatch.labels import LabelMap, value_counts
+from kneebatch.labels import LabelMap
 from kneebatch.manifest import SubjectSpec
 from kneebatch.timeout import call_with_timeout
 
@@ -279,16 +280,20 @@ def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[
     return labels, warnings
 
 
-def mask_values(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S) -> dict[int, int]:
-    """Voxel count of each value of the subject's mask (``validate``: masks are small to read).
+def read_mask(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S
+              ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The subject's mask as read (values not mapped), in LPS, (z, y, x), with its spacing
+    (``validate``: masks are small to read).
 
     Raises:
         InputImageError: the mask cannot be read (see ``read_image``).
     """
-    values = sitk.GetArrayFromImage(read_image(spec, "mask", spec.mask, timeout_s))
+    image = sitk.DICOMOrient(read_image(spec, "mask", spec.mask, timeout_s), "LPS")
+    values = sitk.GetArrayFromImage(image)
     if not np.issubdtype(values.dtype, np.integer):
-        values = np.round(values[np.isfinite(values)]).astype(np.int64)
-    return value_counts(values)
+        values = np.round(np.nan_to_num(values)).astype(np.int64)
+    sx, sy, sz = image.GetSpacing()
+    return values, (sz, sy, sx)
 
 
 def _axis_aligned(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image
@@ -331,7 +336,7 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
 
     Returns:
         The scan in LPS on an axis-aligned grid (oblique scans resampled), (z, y, x), left
-        knees mirrored along x.
+        knees mirrored along x; of a bilateral scan, the half that holds ``spec.side``'s leg.
 
     Raises:
         InputImageError, GeometryError: see ``read_image`` and ``match_mask_grid``; also NaN/inf in
@@ -352,10 +357,13 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
     labels, warnings = _mask_labels(spec, mask)
     if oblique:
         warnings.insert(0, oblique)
+    sx, sy, sz = ct.GetSpacing()
+    if spec.bilateral:
+        ct_hu, labels = take_leg(spec.subject_id, spec.side or "R", ct_hu, labels, (sz, sy, sx),
+                                 config.body_threshold_hu, config.body_min_fraction)
     if spec.side == "L":
         ct_hu = np.ascontiguousarray(ct_hu[:, :, ::-1])
         labels = np.ascontiguousarray(labels[:, :, ::-1])
-    sx, sy, sz = ct.GetSpacing()
     return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation,
                 tuple(warnings), spec.labels)
 

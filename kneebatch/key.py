@@ -39,6 +39,7 @@ def subject_key(spec: SubjectSpec, config_hash: str, model_sha256: str) -> str:
         "mask": _fingerprint(spec.mask),
         "side": spec.side,
         "labels": str(spec.labels),
+        "bilateral": spec.bilateral,
         "extra": sorted(spec.extra.items()),
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

@@ -19,6 +19,7 @@ REQUIRED = ("subject_id", "ct", "mask")
 LABEL_COLUMNS = ("tibia_label", "femur_label")
 OPTIONAL = ("side", *LABEL_COLUMNS)
 SIDES = ("L", "R")
+BOTH = "both"  # a bilateral scan: two knees, <id>_L and <id>_R
 # Columns kneebatch writes into its outputs: an extra manifest column may not take these names.
 RESERVED = ("layer", "region", "region_a", "region_b", "cosine", "dim", "vector", "run_id",
             "weights", "model_sha256", "config_hash", "key", "warnings", "labels")
@@ -37,6 +38,7 @@ class SubjectSpec:
         side: ``L`` (mirrored to look like a right knee), ``R`` or None (unknown; not mirrored).
         extra: the manifest's other columns, carried into the outputs.
         labels: the mask values of tibia and femur.
+        bilateral: the scan holds both legs; this knee is its ``side`` leg.
     """
 
     subject_id: str
@@ -45,6 +47,7 @@ class SubjectSpec:
     side: str | None = None
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
     labels: LabelMap = dataclasses.field(default_factory=LabelMap)
+    bilateral: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +73,26 @@ def check_subject_id(subject_id: str, where: str = "") -> str:
 
 
 def check_side(side: str | None, where: str = "") -> str | None:
-    """Normalise a side value (``L``, ``R``, empty/None); raise ManifestError otherwise."""
+    """Normalise a side value (``L``, ``R``, ``both``, empty/None); raise ManifestError
+    otherwise."""
     if side is None or side.strip() == "":
         return None
+    if side.strip().lower() == BOTH:
+        return BOTH
     value = side.strip().upper()
     if value not in SIDES:
-        raise ManifestError(f"{where}side {side!r} is not allowed: use L, R or leave it empty.")
+        raise ManifestError(f"{where}side {side!r} is not allowed: use L, R, both (a bilateral "
+                            "scan) or leave it empty.")
     return value
+
+
+def knees(spec: SubjectSpec) -> list[SubjectSpec]:
+    """The knees of a manifest row: itself, or for side ``both`` its two legs ``<id>_L``
+    (mirrored) and ``<id>_R``."""
+    if spec.side != BOTH:
+        return [spec]
+    return [dataclasses.replace(spec, subject_id=check_subject_id(f"{spec.subject_id}_{side}"),
+                                side=side, bilateral=True) for side in SIDES]
 
 
 def subject_spec(subject_id: str, ct: Path | str, mask: Path | str,
@@ -176,13 +192,20 @@ def parse_manifest(path: Path, labels: LabelMap | None = None
         problems.extend(RowProblem(line, raw_id, p) for p in row_problems)
         if spec is None:
             continue
-        if spec.subject_id in seen:
-            problems.append(RowProblem(line, raw_id, (
-                f"row {line}: subject id {spec.subject_id!r} repeats row "
-                f"{seen[spec.subject_id]}; subject ids must be unique.")))
+        try:
+            found = knees(spec)
+        except ManifestError as exc:
+            problems.append(RowProblem(line, raw_id, f"row {line}: {exc.message}"))
             continue
-        seen[spec.subject_id] = line
-        specs.append(spec)
+        repeated = [k.subject_id for k in found if k.subject_id in seen]
+        if repeated:
+            problems.append(RowProblem(line, raw_id, (
+                f"row {line}: subject id {repeated[0]!r} repeats row "
+                f"{seen[repeated[0]]}; subject ids must be unique (side 'both' makes "
+                "<id>_L and <id>_R).")))
+            continue
+        seen.update(dict.fromkeys((k.subject_id for k in found), line))
+        specs.extend(found)
     return specs, problems
 
 

@@ -172,3 +172,27 @@ def write_sample(folder: Path, subjects: int, size: str = "clinical", seed: int 
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def make_bilateral_phantom(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float],
+                           seed: int, gap_voxels: int = 6) -> tuple[sitk.Image, sitk.Image]:
+    """Both legs in one scan (LPS): the right knee of ``make_phantom(seed, "R")`` at -x (the
+    patient's right) and the left knee of ``make_phantom(seed + 1, "L")`` at +x, each in its own
+    field of view, ``gap_voxels`` of air between them.
+
+    Returns:
+        CT (int16, HU) and mask (uint8), (z, y, 2 x + gap) voxels.
+    """
+    arrays = []
+    for offset, side in ((0, "R"), (1, "L")):
+        ct, mask, _ = make_phantom(shape, spacing_mm, seed + offset, side)
+        arrays.append([sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS")) for img in (ct, mask)])
+    gap = (shape[0], shape[1], gap_voxels)
+    ct = np.concatenate([arrays[0][0], np.full(gap, HU["air"], np.int16), arrays[1][0]], axis=2)
+    mask = np.concatenate([arrays[0][1], np.zeros(gap, np.uint8), arrays[1][1]], axis=2)
+    images = []
+    for array in (ct, mask):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(tuple(float(s) for s in reversed(spacing_mm)))
+        images.append(image)
+    return images[0], images[1]

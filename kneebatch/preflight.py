@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from kneebatch.io import READ_TIMEOUT_S, mask_values
-from kneebatch.labels import BACKGROUND
+from kneebatch.bilateral import labelled_on_both_sides
+from kneebatch.io import READ_TIMEOUT_S, read_mask
+from kneebatch.labels import BACKGROUND, value_counts
 from kneebatch.manifest import SubjectSpec
 
 
@@ -35,7 +36,8 @@ def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> Mas
     Raises:
         InputImageError: the mask cannot be read.
     """
-    counts = mask_values(spec, read_timeout_s)
+    mask, spacing_mm = read_mask(spec, read_timeout_s)
+    counts = value_counts(mask)
     problems = []
     for region in ("tibia", "femur"):
         values = spec.labels.values_of(region)
@@ -47,5 +49,9 @@ def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> Mas
                 "columns")
     known = {BACKGROUND, *spec.labels.tibia, *spec.labels.femur}
     other = {v: n for v, n in counts.items() if v not in known}
-    notes = (f"values {_listing(other)} belong to no region (air in all three)",) if other else ()
-    return MaskCheck(tuple(problems), notes)
+    notes = [f"values {_listing(other)} belong to no region (air in all three)"] if other else []
+    if spec.side in ("L", "R", None) and not spec.bilateral and labelled_on_both_sides(
+            mask, spacing_mm[2]):
+        notes.append(f"the mask labels bones in both legs, but side is {spec.side or 'empty'}: a "
+                     "bilateral scan? Give side 'both' to split it into two knees")
+    return MaskCheck(tuple(problems), tuple(notes))

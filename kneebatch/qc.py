@@ -28,7 +28,8 @@ def write_subject_qc(folder: Path) -> Path:
     if done is None:
         raise FileNotFoundError(f"{folder} has no readable done.json")
     spec = SubjectSpec(done.subject_id, Path(done.ct), Path(done.mask), done.side,
-                       labels=LabelMap.parse(done.labels) if done.labels else LabelMap())
+                       labels=LabelMap.parse(done.labels) if done.labels else LabelMap(),
+                       bilateral=done.bilateral)
     config = ExtractionConfig.from_dict(done.config)
     regions = make_regions(load_scan(spec, config), config)
     title = qc_title(spec.subject_id, spec.side, regions.spacing_mm, done.weights)

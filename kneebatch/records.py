@@ -86,6 +86,7 @@ class DoneRecord(_Record):
     mask: str = ""
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
     labels: str = ""
+    bilateral: bool = False
     regions: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     spacing_mm: list[float] = dataclasses.field(default_factory=list)
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)

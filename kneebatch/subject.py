@@ -222,6 +222,7 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         mask=str(spec.mask),
         extra=dict(spec.extra),
         labels=str(spec.labels),
+        bilateral=spec.bilateral,
         regions={name: stats.to_dict() for name, stats in result.region_stats.items()},
         spacing_mm=list(result.spacing_mm),
         shapes={r: list(s) for r, s in result.shapes.items()},
