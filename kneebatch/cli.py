@@ -338,7 +338,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"QC pictures in {args.out / 'subjects'}: {written} drawn now, the others were "
               "there already (--redo-qc redraws them)"
               + (f"; {failed} could not be made (see the log)" if failed else ""))
-    index = write_cohort_report(args.out)
+    index = write_cohort_report(args.out, by=args.by)
     print(f"Cohort report: {index}")
     return EXIT_OK
 
@@ -469,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_folder(p)
     p.add_argument("--no-qc", action="store_true", help="cohort figures only")
     p.add_argument("--redo-qc", action="store_true", help="redraw existing qc.png too")
+    p.add_argument("--by", default=None, metavar="COLUMN",
+                   help="group the cosine figure by a manifest column, e.g. --by site")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("status", help="finished / failed / running / pending subjects, rate, ETA")

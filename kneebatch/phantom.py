@@ -188,10 +188,10 @@ def make_bilateral_phantom(shape: tuple[int, int, int], spacing_mm: tuple[float,
         ct, mask, _ = make_phantom(shape, spacing_mm, seed + offset, side)
         arrays.append([sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS")) for img in (ct, mask)])
     gap = (shape[0], shape[1], gap_voxels)
-    ct = np.concatenate([arrays[0][0], np.full(gap, HU["air"], np.int16), arrays[1][0]], axis=2)
-    mask = np.concatenate([arrays[0][1], np.zeros(gap, np.uint8), arrays[1][1]], axis=2)
+    ct_hu = np.concatenate([arrays[0][0], np.full(gap, HU["air"], np.int16), arrays[1][0]], axis=2)
+    labels = np.concatenate([arrays[0][1], np.zeros(gap, np.uint8), arrays[1][1]], axis=2)
     images = []
-    for array in (ct, mask):
+    for array in (ct_hu, labels):
         image = sitk.GetImageFromArray(array)
         image.SetSpacing(tuple(float(s) for s in reversed(spacing_mm)))
         images.append(image)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from kneebatch.claims import holder
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import KneebatchError
 from kneebatch.io import load_scan
@@ -47,6 +48,8 @@ def write_missing_qc(out: Path, redo: bool = False) -> tuple[int, int]:
         folder = done_file.parent
         if folder.is_symlink() or ((folder / "qc.png").is_file() and not redo):
             continue
+        if holder(out, folder.name) is not None:
+            continue  # a run is (re)computing it right now: its files are the run's to write
         try:
             write_subject_qc(folder)
             written += 1

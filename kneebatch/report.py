@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kneebatch.labels import FEMUR, TIBIA
 from kneebatch.regions import Regions
 
 BONE_WINDOW_HU = (-400.0, 1400.0)
@@ -20,12 +21,20 @@ VIEWS = ("axial", "coronal", "sagittal")
 
 
 def _centre(mask: np.ndarray) -> tuple[int, int, int]:
-    """The middle of the tibia-femur bounding box (z, y, x): the joint."""
-    points = np.argwhere(mask > 0)
-    if points.size == 0:
+    """Where the three views cut (z, y, x): the axial view at the joint (between the tibia's top
+    and the femur's bottom), the coronal and sagittal views through the middle of the two bones'
+    centres of mass, so they pass through bone (not through the volume's centre)."""
+    centres, ends = [], []
+    for label in (TIBIA, FEMUR):
+        points = np.argwhere(mask == label)
+        if len(points):
+            centres.append(points.mean(axis=0))
+            ends.append(points[:, 0].max() if label == TIBIA else points[:, 0].min())
+    if not centres:
         return (mask.shape[0] // 2, mask.shape[1] // 2, mask.shape[2] // 2)
-    middle = (points.min(axis=0) + points.max(axis=0)) // 2
-    return (int(middle[0]), int(middle[1]), int(middle[2]))
+    middle = np.mean(centres, axis=0)
+    z = (ends[0] + ends[1]) / 2 if len(ends) == 2 else middle[0]
+    return (round(float(z)), round(float(middle[1])), round(float(middle[2])))
 
 
 def _slices(volume: np.ndarray, centre: tuple[int, int, int]) -> dict[str, np.ndarray]:
@@ -43,7 +52,7 @@ def qc_panels(regions: Regions) -> dict[str, np.ndarray]:
     labels = _slices(regions.grid_mask, centre)
     for view, image in _slices(gray, centre).items():
         rgb = np.repeat(image[..., None], 3, axis=2)
-        for name, label in (("tibia", 1), ("femur", 2)):
+        for name, label in (("tibia", TIBIA), ("femur", FEMUR)):
             hit = labels[view] == label
             rgb[hit] = 0.55 * rgb[hit] + 0.45 * np.array(COLOURS[name])
         panels[view] = rgb
