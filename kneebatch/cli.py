@@ -171,6 +171,30 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+    import socket
+
+    import SimpleITK
+    import torch
+    import torchvision
+
+    from kneebatch.network.model import check_model_file
+    from kneebatch.runtime import usable_cpus
+
+    job = os.environ.get("SLURM_JOB_ID")
+    print(f"kneebatch {__version__} on {socket.gethostname()}"
+          + (f" (SLURM job {job})" if job else "") + f", {usable_cpus()} usable CPU(s); python "
+          f"{platform.python_version()} ({sys.executable}), torch {torch.__version__} (CUDA "
+          f"{'available' if torch.cuda.is_available() else 'not available'}), torchvision "
+          f"{torchvision.__version__}, SimpleITK {SimpleITK.Version.VersionString()}")
+    value = args.model or os.environ.get("KNEEBATCH_MODEL")
+    if value:
+        info = check_model_file(Path(value))  # a bad model file fails the job here, at once
+        print(f"model {value}: sha256 {info.sha256}, weights {info.weights}")
+    return EXIT_OK
+
+
 def _cmd_job_script(args: argparse.Namespace) -> int:
     from kneebatch.cluster import slurm_cluster
 
@@ -458,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
     add_slurm_options(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("info", help="host, versions and the model's sha256 (job scripts print "
+                                    "it first)")
+    p.add_argument("--model", default=None,
+                   help="check this model file and print its sha256 (default: $KNEEBATCH_MODEL)")
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("job-script", help="print the worker job script --cluster slurm submits")
     p.add_argument("--threads-per-worker", type=int, default=2,

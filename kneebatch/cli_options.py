@@ -4,6 +4,7 @@ SLURM worker jobs, and the values they build. Configures argparse only; ``cli`` 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING, Any
 
 from kneebatch.config import (
@@ -120,7 +121,8 @@ def slurm_options_from_args(args: argparse.Namespace) -> SlurmOptions:
     return SlurmOptions(cores=args.slurm_cores, memory=args.slurm_memory,
                         walltime=args.slurm_walltime, partition=args.slurm_partition,
                         account=args.slurm_account, directives=tuple(args.slurm_directive),
-                        max_jobs=args.slurm_max_jobs)
+                        max_jobs=args.slurm_max_jobs, prologue=tuple(args.prologue),
+                        log_dir=args.log_dir, interface=args.interface)
 
 
 def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
@@ -158,3 +160,13 @@ def add_slurm_options(parser: argparse.ArgumentParser) -> None:
                        help="extra #SBATCH option, e.g. --slurm-directive=--qos=long (repeatable)")
     group.add_argument("--slurm-max-jobs", type=int, default=4,
                        help="at most this many worker jobs at once (default: 4)")
+    prologue = os.environ.get("KNEEBATCH_PROLOGUE")
+    group.add_argument("--prologue", action="append", default=[prologue] if prologue else [],
+                       metavar="LINE",
+                       help="a shell line each worker job runs first, e.g. --prologue 'module "
+                            "load python/3.11' (repeatable; default: $KNEEBATCH_PROLOGUE)")
+    group.add_argument("--log-dir", default=None, metavar="DIR",
+                       help="folder for the worker jobs' logs (default: where you start)")
+    group.add_argument("--interface", default=None, metavar="NAME",
+                       help="network interface the scheduler and workers talk over, e.g. ib0 "
+                            "(default: dask's choice)")

@@ -11,8 +11,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +45,10 @@ class SlurmOptions:
         max_jobs: at most this many worker jobs at once (adaptive between 1 and this).
         lifetime: a worker retires after this long (default: walltime minus 10 minutes) and a
             fresh job replaces it, so no subject is cut by the walltime.
+        prologue: shell lines each job runs first (``module load ...``, activating an
+            environment).
+        log_dir: folder of the worker jobs' logs (default: the folder ``run`` starts in).
+        interface: the network interface dask talks over (e.g. ``ib0``; default: dask's).
     """
 
     cores: int = 8
@@ -53,6 +59,9 @@ class SlurmOptions:
     directives: tuple[str, ...] = ()
     max_jobs: int = 4
     lifetime: str | None = None
+    prologue: tuple[str, ...] = ()
+    log_dir: str | None = None
+    interface: str | None = None
 
 
 def _lifetime(walltime: str) -> str:
@@ -96,7 +105,10 @@ def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
         # one subject at a time per worker; the worker retires before its job's walltime
         worker_extra_args=["--resources", "subject=1", "--lifetime", walltime_lifetime,
                            "--lifetime-stagger", "2m"],
-        job_script_prologue=[f"export OMP_NUM_THREADS={threads}"],
+        job_script_prologue=[*opts.prologue, f"export OMP_NUM_THREADS={threads}",
+                             f"{shlex.quote(sys.executable)} -m kneebatch info"],
+        log_directory=opts.log_dir,
+        interface=opts.interface,
         scheduler_options={"dashboard_address": None},
     )
     return cluster

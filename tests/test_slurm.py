@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kneebatch.cli import main
+from kneebatch.network.model import get_model
 from kneebatch.phantom import write_sample
 
 from .slurm import start_slurm
@@ -96,12 +97,48 @@ def test_cohort_node_script(job_env: dict[str, str], cohort: Path, reference: Pa
     assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
 
 
+FAKE_APPTAINER = """#!/bin/sh
+# A stand-in for Apptainer, which cannot be installed here: log the call, run the command on the host.
+[ "$1" = exec ] || exit 64
+echo "apptainer exec $2" >&2
+shift 2
+exec "$@"
+"""
+
+
+def test_node_script_with_only_the_variables_it_is_given(
+        slurm: dict[str, str], cohort: Path, reference: Path, model_path: Path,
+        tmp_path: Path) -> None:
+    """A site that submits with --export=NONE: the job sees only SLURM's variables and the ones
+    listed; the script runs the prologue, puts KNEEBATCH_ENV on PATH, runs kneebatch through the
+    container named in KNEEBATCH_CONTAINER, and logs host, versions and the model's sha256 first."""
+    out = tmp_path / "out"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "apptainer").write_text(FAKE_APPTAINER)
+    (fake / "apptainer").chmod(0o755)
+    environment = Path(sys.executable).parent.parent  # the venv (or env) that runs the tests
+    exported = (f"--export=KNEEBATCH_ENV={environment},KNEEBATCH_MODEL={model_path},"
+                "KNEEBATCH_CONTAINER=/images/kneebatch.sif,"
+                f"KNEEBATCH_PROLOGUE=echo prologue ran on $(hostname); export PATH={fake}:$PATH")
+    sbatch(slurm, tmp_path / "job.log", exported, "--cpus-per-task=2", "--mem=4G",
+           str(JOBS / "cohort-node.sbatch"), str(cohort), str(out))
+    log = _read(tmp_path / "job.log")
+    assert "prologue ran on" in log
+    assert log.count("apptainer exec /images/kneebatch.sif") == 2  # info, then run
+    sha256 = get_model(model_path).info.sha256
+    first = log.index("kneebatch 0.1.0 on")
+    assert first < log.index("starting a LocalCluster") and f"sha256 {sha256}" in log
+    assert "torch " in log[first:first + 400]
+    assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
+
+
 def test_cohort_multinode_script(job_env: dict[str, str], cohort: Path, reference: Path,
                                  tmp_path: Path) -> None:
     out = tmp_path / "out"
-    sbatch(job_env, tmp_path / "job.log", "--nodes=1", "--ntasks-per-node=2",
-           "--cpus-per-task=1", "--mem-per-cpu=2G", str(JOBS / "cohort-multinode.sbatch"),
-           str(cohort), str(out))
+    sbatch({**job_env, "KNEEBATCH_INTERFACE": "lo"}, tmp_path / "job.log", "--nodes=1",
+           "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=2G",
+           str(JOBS / "cohort-multinode.sbatch"), str(cohort), str(out))
     log = _read(tmp_path / "job.log")
     assert "joined scheduler" in log and "with 2 workers" in log, log[-5000:]
     assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
