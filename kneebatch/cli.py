@@ -63,7 +63,10 @@ def _model_path(args: argparse.Namespace) -> Path:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from kneebatch.phantom import write_sample
 
-    manifest = write_sample(args.dir, args.subjects, size=args.size, seed=args.seed)
+    folder = args.out_dir or args.dir
+    if folder is None:
+        raise ConfigError("sample needs a folder: kneebatch sample DIR (or --out DIR)")
+    manifest = write_sample(folder, args.subjects, size=args.size, seed=args.seed)
     print(f"Wrote {args.subjects} {args.size} phantom knee(s) and {manifest}")
     return EXIT_OK
 
@@ -396,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
     p = sub.add_parser("sample", help="write synthetic knee phantoms and a manifest.csv")
-    p.add_argument("dir", type=Path, help="folder for the phantoms and manifest.csv")
+    p.add_argument("dir", type=Path, nargs="?", default=None,
+                   help="folder for the phantoms and manifest.csv (or give it as --out DIR)")
+    p.add_argument("--out", type=Path, dest="out_dir", default=None, metavar="DIR",
+                   help="the same as the DIR argument")
     p.add_argument("--subjects", type=int, default=4, help="number of knees (default: 4)")
     p.add_argument("--size", choices=["clinical", "small"], default="clinical",
                    help="clinical: 512x512x~200 at 0.35x0.35x0.8 mm (default); small: for tests")

@@ -18,12 +18,14 @@ from kneebatch.regions import Regions
 BONE_WINDOW_HU = (-400.0, 1400.0)
 COLOURS = {"tibia": (0.12, 0.47, 0.96), "femur": (1.0, 0.55, 0.0), "background": (0.2, 0.8, 0.3)}
 VIEWS = ("axial", "coronal", "sagittal")
+JOINT_SLICES = 15  # the axial view is at most this many slices from the joint line
 
 
 def _centre(mask: np.ndarray) -> tuple[int, int, int]:
-    """Where the three views cut (z, y, x): the axial view at the joint (between the tibia's top
-    and the femur's bottom), the coronal and sagittal views through the middle of the two bones'
-    centres of mass, so they pass through bone (not through the volume's centre)."""
+    """Where the three views cut (z, y, x), so that each passes through bone (not through the
+    volume's centre): the coronal and sagittal views through the middle of the two bones' centres
+    of mass, the axial view through the slice with the most bone within ``JOINT_SLICES`` of the
+    joint line (the tibial plateau or the condyles, not the joint space)."""
     centres, ends = [], []
     for label in (TIBIA, FEMUR):
         points = np.argwhere(mask == label)
@@ -33,8 +35,10 @@ def _centre(mask: np.ndarray) -> tuple[int, int, int]:
     if not centres:
         return (mask.shape[0] // 2, mask.shape[1] // 2, mask.shape[2] // 2)
     middle = np.mean(centres, axis=0)
-    z = (ends[0] + ends[1]) / 2 if len(ends) == 2 else middle[0]
-    return (round(float(z)), round(float(middle[1])), round(float(middle[2])))
+    joint = round(float((ends[0] + ends[1]) / 2 if len(ends) == 2 else middle[0]))
+    low, high = max(0, joint - JOINT_SLICES), min(mask.shape[0], joint + JOINT_SLICES + 1)
+    bone = np.count_nonzero((mask[low:high] == TIBIA) | (mask[low:high] == FEMUR), axis=(1, 2))
+    return (low + int(np.argmax(bone)), round(float(middle[1])), round(float(middle[2])))
 
 
 def _slices(volume: np.ndarray, centre: tuple[int, int, int]) -> dict[str, np.ndarray]:
