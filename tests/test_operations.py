@@ -313,7 +313,7 @@ def test_a_subject_warning_reaches_done_json_and_the_parquet(
     out = tmp_path / "out"
     assert run(manifest, out, model_path) == 0
     done = json.loads((out / "subjects" / "odd" / "done.json").read_text())
-    assert len(done["warnings"]) == 1 and "[7]" in done["warnings"][0]
+    assert len(done["warnings"]) == 1 and "holds labels 7 besides 0" in done["warnings"][0]
     rows = pd.read_parquet(out / "similarities")
     assert set(rows["warnings"]) == {done["warnings"][0]}
 
