@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from kneebatch.config import PAIRS
+from kneebatch.errors import ConfigError
+from kneebatch.gather import PROVENANCE
 from kneebatch.outdir import run_records
 from kneebatch.records import RunRecord
 from kneebatch.store import write_bytes_atomic, write_text_atomic
@@ -48,15 +50,11 @@ def _groups(sims: pd.DataFrame, by: str | None) -> list[tuple[str, pd.DataFrame]
     if by is None:
         return [("", sims)]
     if by not in sims.columns:
-        from kneebatch.errors import ConfigError
-
         raise ConfigError(f"report --by {by}: no such column in the similarities; the manifest's "
                           f"extra columns are: {', '.join(_extra_columns(sims)) or 'none'}.")
     keys = sims[by].astype("string").fillna("(missing)")
     groups = sorted(keys.unique())
     if len(groups) > MAX_GROUPS:
-        from kneebatch.errors import ConfigError
-
         raise ConfigError(f"report --by {by}: {len(groups)} groups; a figure shows at most "
                           f"{MAX_GROUPS}. Group by a column with fewer values.")
     return [(f"{by}={g}", sims[keys == g]) for g in groups]
@@ -64,7 +62,7 @@ def _groups(sims: pd.DataFrame, by: str | None) -> list[tuple[str, pd.DataFrame]
 
 def _extra_columns(sims: pd.DataFrame) -> list[str]:
     known = {"subject_id", "layer", "region_a", "region_b", "cosine", "pair", "warnings",
-             "run_id", "weights", "model_sha256", "config_hash", "labels"}
+             *PROVENANCE}
     return [c for c in sims.columns if c not in known]
 
 
@@ -291,7 +289,7 @@ def write_cohort_report(out: Path, by: str | None = None) -> Path:
         out=out, weights=weights, subjects=len(subjects), failures=failures, figures=figures,
         gallery=qc_gallery(out, subjects), gallery_limit=GALLERY_MAX,
         runs=computing_runs(out, sorted(sims["run_id"].unique()) if "run_id" in sims else []),
-        latest=record, by=by)
+        latest=record)
     index = folder / "index.html"
     write_text_atomic(index, render(content))
     return index

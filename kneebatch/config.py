@@ -10,6 +10,8 @@ import logging
 from enum import Enum
 from typing import Any
 
+from kneebatch.labels import FEMUR, TIBIA
+
 LAYERS = (
     "denseblock1",
     "transition1",
@@ -27,7 +29,7 @@ POOLINGS = ("region", "crop")
 CONV_PADDINGS = ("replicate", "zeros")
 REGIONS = ("tibia", "femur", "background")
 PAIRS = (("tibia", "femur"), ("tibia", "background"), ("femur", "background"))
-LABELS = {"tibia": 1, "femur": 2}
+LABELS = {"tibia": TIBIA, "femur": FEMUR}  # kneebatch's own labels, after the subject's label map
 
 
 class CropMode(str, Enum):

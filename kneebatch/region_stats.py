@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 
-from kneebatch.config import REGIONS
+from kneebatch.config import LABELS, REGIONS
 from kneebatch.io import Scan
-from kneebatch.labels import BACKGROUND, FEMUR, TIBIA
+from kneebatch.labels import BACKGROUND
 from kneebatch.regions import Regions
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -91,10 +91,9 @@ def region_stats(scan: Scan, regions: Regions) -> dict[str, RegionStats]:
     --pooling crop``)."""
     voxel_ml = float(np.prod(scan.spacing_mm)) / 1000.0
     body = _body_on_native(regions, scan.mask.shape, scan.spacing_mm)
-    labels = {"tibia": TIBIA, "femur": FEMUR, "background": BACKGROUND}
     stats = {}
     for name in REGIONS:
-        members = scan.mask == labels[name]
+        members = scan.mask == LABELS.get(name, BACKGROUND)
         if name == "background" and body is not None:
             members &= body
         values = scan.ct_hu[members]

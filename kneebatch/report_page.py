@@ -58,7 +58,6 @@ class ReportContent:
     gallery_limit: int
     runs: list[RunRecord]
     latest: RunRecord
-    by: str | None = None
 
 
 def _e(value: object) -> str:

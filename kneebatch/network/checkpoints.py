@@ -32,6 +32,11 @@ def checkpoint_kind(path: Path) -> str:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch raises many types for a file that is not a checkpoint
         return "unknown"
+    return state_kind(state)
+
+
+def state_kind(state: object) -> str:
+    """``checkpoint_kind`` of a loaded state dict."""
     if not isinstance(state, dict):
         return "unknown"
     for key, value in state.items():

@@ -30,6 +30,7 @@ from kneebatch.network.checkpoints import (
     checkpoint_kind,
     is_published_imagenet,
     published_imagenet_prefix,
+    state_kind,
 )
 from kneebatch.network.inflate import collapse_input_channels, inflate
 from kneebatch.network.lean import make_lean
@@ -134,15 +135,17 @@ def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
             f"--weights {weights!r} is neither 'imagenet', 'random' nor an existing file. "
             "Give the path of a torchvision DenseNet121 checkpoint (.pth)."
         )
-    if checkpoint_kind(path) == "3d":
-        raise WeightsError(
-            f"{path} is already a kneebatch 3D model file, not a torchvision 2D checkpoint: use it "
-            f"as it is, `--model {path}` (build-model --weights takes torchvision's "
-            "densenet121-*.pth).")
     net = densenet121(weights=None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if state_kind(state) == "3d":
+            raise WeightsError(
+                f"{path} is already a kneebatch 3D model file, not a torchvision 2D checkpoint: "
+                f"use it as it is, `--model {path}` (build-model --weights takes torchvision's "
+                "densenet121-*.pth).")
         net.load_state_dict(_rename_old_keys(state))
+    except WeightsError:
+        raise
     except Exception as exc:  # torch raises many types for a bad checkpoint
         raise WeightsError(
             f"Could not load DenseNet121 weights from {path}: {str(exc)[:300]}. Expected a torchvision "
