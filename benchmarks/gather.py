@@ -25,10 +25,10 @@ import numpy as np
 def make_finished_out(out: Path, subjects: int, seed: int = 0) -> None:
     """An OUT holding ``subjects`` finished subjects and the records of the run that made them."""
     from kneebatch.config import DEFAULT_LAYERS, ExtractionConfig
-    from kneebatch.outdir import check_settings, claim_out, save_manifest
-    from kneebatch.records import DoneRecord, ManifestRecord, SettingsRecord
-    from kneebatch.similarity import similarities
-    from kneebatch.store import write_subject
+    from kneebatch.extract.similarity import similarities
+    from kneebatch.outdir.folder import check_settings, claim_out, save_manifest
+    from kneebatch.outdir.records import DoneRecord, ManifestRecord, SettingsRecord
+    from kneebatch.results.subject_files import write_subject
 
     config = ExtractionConfig()
     claim_out(out)

@@ -91,11 +91,11 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
 
 def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]:
     """kneebatch's per-knee path as a worker runs it: the model is already loaded."""
+    from kneebatch.cohort.runtime import configure_compute, usable_cpus
     from kneebatch.config import ExtractionConfig
-    from kneebatch.manifest import SubjectSpec
+    from kneebatch.extract.pipeline import compute_subject
+    from kneebatch.inputs.manifest import SubjectSpec
     from kneebatch.network.model import get_model
-    from kneebatch.runtime import configure_compute, usable_cpus
-    from kneebatch.subject import compute_subject
 
     configure_compute(usable_cpus())
     config = ExtractionConfig.seed() if native else ExtractionConfig()
@@ -116,7 +116,7 @@ def _conv_peak() -> dict[str, float]:
     from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kneebatch.runtime import configure_compute, usable_cpus
+    from kneebatch.cohort.runtime import configure_compute, usable_cpus
 
     configure_compute(usable_cpus())
     best = 0.0
@@ -183,7 +183,7 @@ def _in_child(case: str, *args: str) -> dict[str, float]:
 # ---------------------------------------------------------------- whole commands
 def _cohorts(folder: Path, knees: int, steady: int) -> dict[int, Path]:
     """Manifests of ``knees`` and ``steady`` clinical phantoms (the first a prefix of the second)."""
-    from kneebatch.phantom import write_sample
+    from kneebatch.inputs.phantom import write_sample
 
     big = write_sample(folder / "cohort", max(knees, steady), size="clinical", seed=100)
     lines = big.read_text().splitlines()
@@ -242,8 +242,8 @@ def main() -> None:
 
     import SimpleITK as sitk
 
+    from kneebatch.inputs.phantom import make_phantom
     from kneebatch.network.model import build_model, save_model
-    from kneebatch.phantom import make_phantom
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -63,11 +63,11 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
 def measure(manifest: Path, model: Path) -> dict[str, object]:
     """Vectors of every knee under each (pooling, margin), and the measures of the docstring."""
     from kneebatch.config import ExtractionConfig
-    from kneebatch.io import load_scan
-    from kneebatch.manifest import read_manifest
+    from kneebatch.inputs.manifest import read_manifest
     from kneebatch.network.features import extract_features
     from kneebatch.network.model import get_model
-    from kneebatch.regions import make_regions
+    from kneebatch.scan.read import load_scan
+    from kneebatch.scan.regions import make_regions
 
     base = ExtractionConfig()
     specs = read_manifest(manifest)
@@ -145,8 +145,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=4, help="sample cohort size")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("validity.json"))
     args = parser.parse_args()
+    from kneebatch.inputs.phantom import write_sample
     from kneebatch.network.model import build_model, save_model
-    from kneebatch.phantom import write_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = args.manifest or write_sample(Path(tmp) / "sample", args.subjects)

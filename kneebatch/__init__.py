@@ -19,14 +19,14 @@ __all__ = ["ExtractionConfig", "build_model", "extract_subject", "feature_matrix
 
 if TYPE_CHECKING:
     from kneebatch.api import extract_subject, read_results
+    from kneebatch.cohort.run import run_cohort
     from kneebatch.config import ExtractionConfig
     from kneebatch.network.model import build_model
-    from kneebatch.run import run_cohort
-    from kneebatch.tables import feature_matrix
+    from kneebatch.results.tables import feature_matrix
 
 _HOMES = {"build_model": "kneebatch.network.model", "extract_subject": "kneebatch.api",
-          "read_results": "kneebatch.api", "run_cohort": "kneebatch.run",
-          "ExtractionConfig": "kneebatch.config", "feature_matrix": "kneebatch.tables"}
+          "read_results": "kneebatch.api", "run_cohort": "kneebatch.cohort.run",
+          "ExtractionConfig": "kneebatch.config", "feature_matrix": "kneebatch.results.tables"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kneebatch.cli import entry
+from kneebatch.cli.main import entry
 
 entry()

@@ -9,10 +9,10 @@ import pandas as pd
 
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError
-from kneebatch.labels import LabelMap
-from kneebatch.manifest import subject_spec
+from kneebatch.extract.pipeline import SubjectResult, compute_subject
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.inputs.manifest import subject_spec
 from kneebatch.network.model import get_model
-from kneebatch.subject import SubjectResult, compute_subject
 
 
 @dataclasses.dataclass(frozen=True)

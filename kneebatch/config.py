@@ -10,7 +10,7 @@ import logging
 from enum import Enum
 from typing import Any
 
-from kneebatch.labels import FEMUR, TIBIA
+from kneebatch.inputs.labels import FEMUR, TIBIA
 
 LAYERS = (
     "denseblock1",

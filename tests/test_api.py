@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import kneebatch
-from kneebatch.cli import main
+from kneebatch.cli.main import main
 
 
 def test_extract_subject_matches_the_files_of_extract(knee: tuple[Path, Path], tmp_path: Path,
@@ -24,7 +24,7 @@ def test_extract_subject_matches_the_files_of_extract(knee: tuple[Path, Path], t
 
 
 def test_run_cohort_with_a_manifest_path_and_read_results(tmp_path: Path, model_path: Path) -> None:
-    from kneebatch.phantom import write_sample
+    from kneebatch.inputs.phantom import write_sample
 
     manifest = write_sample(tmp_path / "c", 2, size="small")
     summary = kneebatch.run_cohort(manifest, tmp_path / "out", model_path,
@@ -36,6 +36,6 @@ def test_run_cohort_with_a_manifest_path_and_read_results(tmp_path: Path, model_
 
 
 def test_import_is_light() -> None:
-    code = "import sys, kneebatch, kneebatch.cli; print('torch' in sys.modules, 'dask' in sys.modules)"
+    code = "import sys, kneebatch, kneebatch.cli.main; print('torch' in sys.modules, 'dask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

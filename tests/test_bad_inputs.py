@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
-from kneebatch.phantom import make_phantom
+from kneebatch.cli.main import main
+from kneebatch.inputs.phantom import make_phantom
 
 from .test_io import write_dicom_series
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
+from kneebatch.cli.main import main
 from kneebatch.errors import ManifestError
-from kneebatch.manifest import read_manifest
-from kneebatch.phantom import make_bilateral_phantom
-from kneebatch.store import read_features
+from kneebatch.inputs.manifest import read_manifest
+from kneebatch.inputs.phantom import make_bilateral_phantom
+from kneebatch.results.subject_files import read_features
 
 from .conftest import SMALL_SHAPE, SMALL_SPACING, write_knee
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kneebatch.cli import build_parser, main
+from kneebatch.cli.main import build_parser, main
 from kneebatch.config import ExtractionConfig
-from kneebatch.manifest import SubjectSpec
+from kneebatch.extract.pipeline import compute_subject
+from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.model import get_model
-from kneebatch.store import read_features, read_similarities
-from kneebatch.subject import compute_subject
+from kneebatch.results.subject_files import read_features, read_similarities
 
 from .conftest import SMALL_SHAPE
 
@@ -92,8 +92,8 @@ def test_preset_seed_feeds_the_whole_native_volume(
       ExtractionConfig(spacing_mm=None, input_norm="grey"))],
     ids=["defaults", "preset-with-override", "margin-and-pooling", "native-grey"])
 def test_settings_from_the_command_line(argv: list[str], expected: ExtractionConfig) -> None:
-    from kneebatch.cli import build_parser
-    from kneebatch.cli_options import config_from_args
+    from kneebatch.cli.main import build_parser
+    from kneebatch.cli.options import config_from_args
 
     args = build_parser().parse_args(["validate", "m.csv", *argv])
     assert config_from_args(args) == expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kneebatch.extras import convert, infer_type, infer_types
+from kneebatch.inputs.extras import convert, infer_type, infer_types
 
 
 @pytest.mark.parametrize(("values", "kind"), [

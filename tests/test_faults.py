@@ -17,9 +17,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from kneebatch.cli import main
-from kneebatch.gather import gather_run
-from kneebatch.phantom import write_sample
+from kneebatch.cli.main import main
+from kneebatch.inputs.phantom import write_sample
+from kneebatch.results.gather import gather_run
 
 
 def _finished_intact(out: Path, subject: str) -> bool:
@@ -116,7 +116,7 @@ def test_soak_200_subjects_two_workers(tmp_path: Path, model_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     from distributed import Client, LocalCluster
 
-    from kneebatch.run import run_cohort
+    from kneebatch.cohort.run import run_cohort
 
     source = write_sample(tmp_path / "src", 5, size="small")
     rows = source.read_text().splitlines()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kneebatch.gather import gather_run
+from kneebatch.results.gather import gather_run
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gather.py"
 

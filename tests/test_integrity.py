@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
-from kneebatch.phantom import write_sample
+from kneebatch.cli.main import main
+from kneebatch.inputs.phantom import write_sample
 
 FAST = ("--workers", "1", "--spacing", "2")  # tiny volumes: these tests are about bookkeeping
 
@@ -238,7 +238,7 @@ def test_two_runs_at_once_compute_each_subject_once(cohort: Path, shared_finishe
 
 def test_a_run_waits_for_a_subject_another_process_holds(
         finished: Path, cohort: Path, model_path: Path) -> None:
-    from kneebatch.claims import claim
+    from kneebatch.outdir.claims import claim
 
     folder = finished / "subjects" / "knee002"
     first = done(finished, "knee002")["run_id"]
@@ -360,7 +360,7 @@ def test_records_of_another_version_are_read(finished: Path) -> None:
 
 
 def test_long_ids_get_short_record_names(tmp_path: Path) -> None:
-    from kneebatch.outdir import record_name
+    from kneebatch.outdir.folder import record_name
 
     names = {record_name("a" * n) for n in (99, 100, 101, 200)} | {record_name("a" * 150 + "b")}
     assert len(names) == 5 and all(len(n) <= 100 for n in names)

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import GeometryError, InputImageError
-from kneebatch.io import load_scan
-from kneebatch.manifest import SubjectSpec
-from kneebatch.phantom import make_phantom
+from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.inputs.phantom import make_phantom
+from kneebatch.scan.read import load_scan
 
 from .conftest import SMALL_SHAPE, SMALL_SPACING
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
+from kneebatch.cli.main import main
 from kneebatch.errors import ConfigError
-from kneebatch.labels import LabelMap
-from kneebatch.store import read_features
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.results.subject_files import read_features
 
 from .conftest import write_knee
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kneebatch.errors import ManifestError
-from kneebatch.manifest import read_manifest
+from kneebatch.inputs.manifest import read_manifest
 
 
 def _write(tmp_path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -66,7 +66,7 @@ def test_an_empty_manifest_is_an_error(tmp_path: Path) -> None:
 
 
 def test_the_committed_sample_manifest_lists_what_sample_writes(tmp_path: Path) -> None:
-    from kneebatch.phantom import write_sample
+    from kneebatch.inputs.phantom import write_sample
 
     repo = Path(__file__).resolve().parents[1]
     committed = read_manifest(repo / "manifests" / "sample.csv")

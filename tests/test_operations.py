@@ -19,8 +19,8 @@ import psutil
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
-from kneebatch.phantom import write_sample
+from kneebatch.cli.main import main
+from kneebatch.inputs.phantom import write_sample
 
 FAST = ("--workers", "1", "--spacing", "2")
 OUR_LINE = re.compile(r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: |progress: |"
@@ -104,8 +104,8 @@ def test_a_file_that_never_answers_fails_alone(cohort: Path, model_path: Path, t
 
 def test_a_read_that_hangs_times_out(knee: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from kneebatch.errors import InputImageError
-    from kneebatch.io import read_image
-    from kneebatch.manifest import subject_spec
+    from kneebatch.inputs.manifest import subject_spec
+    from kneebatch.scan.read import read_image
 
     release = threading.Event()
 
@@ -171,8 +171,8 @@ def test_the_local_cluster_is_private_and_feeds_no_more_than_its_slots(
         finished: Path, cohort: Path, model_path: Path) -> None:
     from distributed import Client
 
-    from kneebatch.cluster import ALLOWED_FAILURES, local_cluster
-    from kneebatch.run import run_cohort
+    from kneebatch.cohort.cluster import ALLOWED_FAILURES, local_cluster
+    from kneebatch.cohort.run import run_cohort
 
     with local_cluster(2, 1, 2 * 1024**3, subjects=2) as cluster, Client(cluster) as client:
         address = cluster.scheduler_address
@@ -258,7 +258,7 @@ def test_status_counts_the_cohort_from_the_files(
         capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
-    from kneebatch.claims import claim
+    from kneebatch.outdir.claims import claim
 
     out = tmp_path / "out"
     shutil.copytree(finished, out)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
-from kneebatch.phantom import make_phantom
+from kneebatch.cli.main import main
+from kneebatch.inputs.phantom import make_phantom
 
 
 def test_sample_writes_a_deterministic_cohort_and_manifest(tmp_path: Path) -> None:

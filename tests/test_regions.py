@@ -7,8 +7,8 @@ import pytest
 
 from kneebatch.config import CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
-from kneebatch.io import Scan
-from kneebatch.regions import body_mask, make_regions
+from kneebatch.scan.read import Scan
+from kneebatch.scan.regions import body_mask, make_regions
 
 NATIVE = ExtractionConfig.seed()  # native grid, no crop, the seed's grey normalisation
 

@@ -15,8 +15,12 @@ import pandas as pd
 import pytest
 from matplotlib import image as mpimg
 
-from kneebatch.cli import main
-from kneebatch.cohort_report import (
+from kneebatch.cli.main import main
+from kneebatch.config import ExtractionConfig
+from kneebatch.errors import ConfigError
+from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.inputs.phantom import write_sample
+from kneebatch.report.figures import (
     HEATMAP_MAX,
     across_knee_cosines,
     cosine_figure,
@@ -25,13 +29,9 @@ from kneebatch.cohort_report import (
     heatmap_figure,
     write_cohort_report,
 )
-from kneebatch.config import ExtractionConfig
-from kneebatch.errors import ConfigError
-from kneebatch.io import load_scan
-from kneebatch.manifest import SubjectSpec
-from kneebatch.phantom import write_sample
-from kneebatch.regions import make_regions
-from kneebatch.report import _centre, qc_panels
+from kneebatch.report.qc_picture import _centre, qc_panels
+from kneebatch.scan.read import load_scan
+from kneebatch.scan.regions import make_regions
 
 
 def _looks_like_a_picture(path: Path, min_w: int, min_h: int) -> None:

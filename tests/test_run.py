@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.cli import main
-from kneebatch.manifest import read_manifest
-from kneebatch.phantom import write_sample
-from kneebatch.run import shard
+from kneebatch.cli.main import main
+from kneebatch.cohort.run import shard
+from kneebatch.inputs.manifest import read_manifest
+from kneebatch.inputs.phantom import write_sample
 
 GOOD = ["knee001", "knee002", "knee003", "knee004"]
 
@@ -212,8 +212,8 @@ def test_same_vectors_with_one_worker_and_any_order(first_run: Path, cohort: Pat
 def test_each_worker_loads_the_model_once(cohort: Path, model_path: Path, tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
+    from kneebatch.cohort.run import run_cohort
     from kneebatch.network.model import model_loads
-    from kneebatch.run import run_cohort
 
     specs = [s for s in read_manifest(cohort) if s.subject_id != "broken"] * 1
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
@@ -230,11 +230,11 @@ def test_a_worker_reads_its_next_subject_while_one_computes(
         cohort: Path, model_path: Path, tmp_path: Path, subjects: int) -> None:
     from distributed import Client
 
-    from kneebatch.cluster import local_cluster
-    from kneebatch.run import run_cohort
+    from kneebatch.cohort.cluster import local_cluster
+    from kneebatch.cohort.run import run_cohort
 
     def stats() -> tuple[int, int]:  # runs in the worker: its own module state
-        from kneebatch import runtime
+        from kneebatch.cohort import runtime
         from kneebatch.network import model
 
         return runtime.SUBJECTS_IN_PROGRESS.peak, model.model_loads()
@@ -338,7 +338,7 @@ def test_a_worker_killed_mid_subject_is_replaced_and_the_subject_retried(
         first_run: Path, cohort: Path, model_path: Path, tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
-    from kneebatch.run import run_cohort
+    from kneebatch.cohort.run import run_cohort
 
     specs = read_manifest(cohort)
     killed: list[str] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kneebatch.similarity import cosine, similarities
+from kneebatch.extract.similarity import cosine, similarities
 
 
 @pytest.mark.parametrize(

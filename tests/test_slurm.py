@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kneebatch.cli import main
+from kneebatch.cli.main import main
+from kneebatch.inputs.phantom import write_sample
 from kneebatch.network.model import get_model
-from kneebatch.phantom import write_sample
 
 from .slurm import start_slurm
 from .test_run import assert_same_results

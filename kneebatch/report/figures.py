@@ -16,10 +16,10 @@ import pandas as pd
 
 from kneebatch.config import PAIRS
 from kneebatch.errors import ConfigError
-from kneebatch.gather import PROVENANCE
-from kneebatch.outdir import run_records
-from kneebatch.records import RunRecord
-from kneebatch.store import write_bytes_atomic, write_text_atomic
+from kneebatch.outdir.folder import run_records
+from kneebatch.outdir.records import RunRecord
+from kneebatch.results.gather import PROVENANCE
+from kneebatch.results.subject_files import write_bytes_atomic, write_text_atomic
 
 HEATMAP_MAX = 500
 MAX_GROUPS = 12
@@ -250,7 +250,7 @@ def write_cohort_report(out: Path, by: str | None = None) -> Path:
     """
     import matplotlib
 
-    from kneebatch.report_page import Figure, ReportContent, render
+    from kneebatch.report.page import Figure, ReportContent, render
 
     matplotlib.use("Agg")
     folder = out / "report"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kneebatch import __version__
-from kneebatch.cli_options import (
+from kneebatch.cli.options import (
     add_config_options,
     add_labels,
     add_plain_forward,
@@ -31,7 +31,7 @@ from kneebatch.config import PAIRS
 from kneebatch.errors import ConfigError, KneebatchError
 
 if TYPE_CHECKING:
-    from kneebatch.similarity import SimilarityRow
+    from kneebatch.extract.similarity import SimilarityRow
 
 log = logging.getLogger("kneebatch")
 
@@ -61,7 +61,7 @@ def _model_path(args: argparse.Namespace) -> Path:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from kneebatch.phantom import write_sample
+    from kneebatch.inputs.phantom import write_sample
 
     folder = args.out_dir or args.dir
     if folder is None:
@@ -93,14 +93,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import uuid
     from datetime import datetime, timezone
 
-    from kneebatch.manifest import knees, subject_spec
+    from kneebatch.cohort.runtime import configure_compute, usable_cpus
+    from kneebatch.extract.pipeline import process_subject
+    from kneebatch.inputs.manifest import knees, subject_spec
     from kneebatch.network.model import get_model
     from kneebatch.network.options import compute_dtype
-    from kneebatch.outdir import check_settings, claim_out
-    from kneebatch.records import SettingsRecord
-    from kneebatch.runtime import configure_compute, usable_cpus
-    from kneebatch.store import read_similarities, subject_dir
-    from kneebatch.subject import process_subject
+    from kneebatch.outdir.folder import check_settings, claim_out
+    from kneebatch.outdir.records import SettingsRecord
+    from kneebatch.results.subject_files import read_similarities, subject_dir
 
     config = config_from_args(args)
     specs = knees(subject_spec(args.subject_id, args.ct, args.mask, args.side, args.labels))
@@ -133,10 +133,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from kneebatch.io import check_headers
-    from kneebatch.manifest import parse_manifest
-    from kneebatch.memory import estimate_bytes, gib
-    from kneebatch.preflight import MaskCheck, check_mask
+    from kneebatch.extract.memory import estimate_bytes, gib
+    from kneebatch.inputs.manifest import parse_manifest
+    from kneebatch.scan.preflight import MaskCheck, check_mask
+    from kneebatch.scan.read import check_headers
 
     config = config_from_args(args)
     specs, row_problems = parse_manifest(args.manifest, args.labels)
@@ -182,8 +182,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
+    from kneebatch.cohort.runtime import usable_cpus
     from kneebatch.network.model import check_model_file
-    from kneebatch.runtime import usable_cpus
 
     job = os.environ.get("SLURM_JOB_ID")
     print(f"kneebatch {__version__} on {socket.gethostname()}"
@@ -199,7 +199,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_job_script(args: argparse.Namespace) -> int:
-    from kneebatch.cluster import slurm_cluster
+    from kneebatch.cohort.cluster import slurm_cluster
 
     with slurm_cluster(slurm_options_from_args(args), args.threads_per_worker or 2) as cluster:
         print(cluster.job_script())
@@ -222,8 +222,8 @@ def _print_summary_table(out: Path) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kneebatch.progress import Progress
-    from kneebatch.run import run_cohort
+    from kneebatch.cohort.progress import Progress
+    from kneebatch.cohort.run import run_cohort
 
     config = config_from_args(args)
     model_path = _model_path(args)
@@ -291,7 +291,7 @@ def _route_dask_logging(debug: bool) -> None:
 
 
 def _cmd_gather(args: argparse.Namespace) -> int:
-    from kneebatch.gather import gather_run
+    from kneebatch.results.gather import gather_run
 
     result = gather_run(args.out)
     print(f"Gathered {result.subjects} subject(s) ({result.similarity_rows} similarity rows, "
@@ -307,7 +307,7 @@ def _cmd_gather(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from kneebatch.merge import merge_runs
+    from kneebatch.results.merge import merge_runs
 
     result = merge_runs(args.runs, args.out)
     print(f"Merged {len(result.sources)} run folder(s) into {args.out}: {result.subjects} "
@@ -317,8 +317,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from kneebatch.outdir import check_owned
-    from kneebatch.tables import export_wide
+    from kneebatch.outdir.folder import check_owned
+    from kneebatch.results.tables import export_wide
 
     check_owned(args.out)
     matrix = export_wide(args.out, args.wide, args.layer, args.region)
@@ -327,8 +327,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from kneebatch.progress import duration
-    from kneebatch.status import cohort_status
+    from kneebatch.cohort.progress import duration
+    from kneebatch.cohort.status import cohort_status
 
     status = cohort_status(args.out, args.manifest)
     total = len(status.finished) + len(status.failed) + len(status.running) + len(status.pending)
@@ -354,12 +354,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kneebatch.cohort_report import write_cohort_report
-    from kneebatch.outdir import check_owned
+    from kneebatch.outdir.folder import check_owned
+    from kneebatch.report.figures import write_cohort_report
 
     check_owned(args.out)
     if not args.no_qc:
-        from kneebatch.qc import write_missing_qc
+        from kneebatch.report.qc import write_missing_qc
 
         written, failed = write_missing_qc(args.out, redo=args.redo_qc)
         print(f"QC pictures in {args.out / 'subjects'}: {written} drawn now, the others were "
@@ -579,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The ``kneebatch`` command: ``main`` with a quick exit (the imported modules are kept out of
     Python's final garbage collection, which otherwise walks them for seconds)."""
-    from kneebatch.runtime import freeze_imports
+    from kneebatch.cohort.runtime import freeze_imports
 
     code = main()
     freeze_imports()

@@ -21,30 +21,30 @@ import torch
 import torchvision
 
 from kneebatch import __version__
-from kneebatch.claims import holder
-from kneebatch.cluster import Connection
+from kneebatch.cohort.cluster import Connection
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError
-from kneebatch.extras import infer_types
-from kneebatch.failures import (
+from kneebatch.extract.pipeline import SubjectOutcome, process_subject
+from kneebatch.inputs.extras import infer_types
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
+from kneebatch.network.model import check_model_file, file_sha256
+from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
+from kneebatch.outdir.claims import holder
+from kneebatch.outdir.failures import (
     clear_failure,
     current_failures,
     save_failure,
     save_row_problems,
     write_failures_csv,
 )
-from kneebatch.gather import gather_run
-from kneebatch.io import READ_TIMEOUT_S
-from kneebatch.key import subject_key
-from kneebatch.labels import LabelMap
-from kneebatch.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.merge import check_not_merged
-from kneebatch.network.model import check_model_file, file_sha256
-from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
-from kneebatch.outdir import check_settings, claim_out, save_manifest, save_run_record, unwritable
-from kneebatch.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
-from kneebatch.store import State, result_state
-from kneebatch.subject import SubjectOutcome, process_subject
+from kneebatch.outdir.folder import check_settings, claim_out, save_manifest, save_run_record, unwritable
+from kneebatch.outdir.key import subject_key
+from kneebatch.outdir.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
+from kneebatch.results.gather import gather_run
+from kneebatch.results.merge import check_not_merged
+from kneebatch.results.subject_files import State, result_state
+from kneebatch.scan.read import READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out:
     """The task a worker runs: set this process's threads once, then process the subject."""
     from distributed import get_worker
 
-    from kneebatch.runtime import configure_compute
+    from kneebatch.cohort.runtime import configure_compute
 
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit
@@ -193,7 +193,7 @@ def run_cohort(
         WeightsError, ConfigError, OutputError: nothing could run (bad model, options, output,
             results of other settings in ``out``).
     """
-    from kneebatch.cluster import ClusterSpec, open_client, subject_resources
+    from kneebatch.cohort.cluster import ClusterSpec, open_client, subject_resources
 
     config = config or ExtractionConfig()
     out, model_path = Path(out), Path(model_path)

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from kneebatch.manifest import RowProblem
-from kneebatch.outdir import BOOKKEEPING, record_name
-from kneebatch.records import FAILURE_COLUMNS, FailureRecord
-from kneebatch.store import write_text_atomic
+from kneebatch.inputs.manifest import RowProblem
+from kneebatch.outdir.folder import BOOKKEEPING, record_name
+from kneebatch.outdir.records import FAILURE_COLUMNS, FailureRecord
+from kneebatch.results.subject_files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

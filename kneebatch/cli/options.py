@@ -17,10 +17,10 @@ from kneebatch.config import (
     ExtractionConfig,
 )
 from kneebatch.errors import ConfigError, KneebatchError
-from kneebatch.labels import LabelMap
+from kneebatch.inputs.labels import LabelMap
 
 if TYPE_CHECKING:
-    from kneebatch.cluster import ClusterSpec, SlurmOptions
+    from kneebatch.cohort.cluster import ClusterSpec, SlurmOptions
     from kneebatch.network.options import ForwardOptions
 
 
@@ -82,7 +82,7 @@ def add_labels(parser: argparse.ArgumentParser) -> None:
 
 
 def add_read_timeout(parser: argparse.ArgumentParser) -> None:
-    from kneebatch.io import READ_TIMEOUT_S
+    from kneebatch.scan.read import READ_TIMEOUT_S
 
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
                         help="a CT or mask that gives no answer for S seconds (a hung network "
@@ -116,7 +116,7 @@ def forward_from_args(args: argparse.Namespace) -> ForwardOptions:
 
 
 def slurm_options_from_args(args: argparse.Namespace) -> SlurmOptions:
-    from kneebatch.cluster import SlurmOptions
+    from kneebatch.cohort.cluster import SlurmOptions
 
     return SlurmOptions(cores=args.slurm_cores, memory=args.slurm_memory,
                         walltime=args.slurm_walltime, partition=args.slurm_partition,
@@ -126,7 +126,7 @@ def slurm_options_from_args(args: argparse.Namespace) -> SlurmOptions:
 
 
 def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
-    from kneebatch.cluster import ClusterSpec
+    from kneebatch.cohort.cluster import ClusterSpec
 
     slurm = slurm_options_from_args(args) if args.cluster == "slurm" else None
     if slurm and (args.scheduler_file or args.scheduler_address):

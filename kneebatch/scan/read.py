@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from kneebatch.bilateral import take_leg
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import GeometryError, InputImageError
-from kneebatch.labels import LabelMap
-from kneebatch.manifest import SubjectSpec
-from kneebatch.timeout import call_with_timeout
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.scan.bilateral import take_leg
+from kneebatch.scan.timeout import call_with_timeout
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import math
 import numpy as np
 
 from kneebatch.config import LABELS, REGIONS
-from kneebatch.io import Scan
-from kneebatch.labels import BACKGROUND
-from kneebatch.regions import Regions
+from kneebatch.inputs.labels import BACKGROUND
+from kneebatch.scan.read import Scan
+from kneebatch.scan.regions import Regions
 
 PERCENTILES = (5, 25, 50, 75, 95)
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneebatch.errors import ConfigError, OutputError
-from kneebatch.outdir import (
+from kneebatch.outdir.folder import (
     BOOKKEEPING,
     DATASETS,
     SCHEMA_VERSION,
@@ -31,8 +31,8 @@ from kneebatch.outdir import (
     folder_settings,
     unwritable,
 )
-from kneebatch.records import FAILURE_COLUMNS, RunRecord, SettingsRecord
-from kneebatch.store import write_bytes_atomic, write_text_atomic
+from kneebatch.outdir.records import FAILURE_COLUMNS, RunRecord, SettingsRecord
+from kneebatch.results.subject_files import write_bytes_atomic, write_text_atomic
 
 MERGED = f"{BOOKKEEPING}/merged.json"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from kneebatch.bilateral import labelled_on_both_sides
-from kneebatch.io import READ_TIMEOUT_S, read_mask
-from kneebatch.labels import BACKGROUND, value_counts
-from kneebatch.manifest import SubjectSpec
+from kneebatch.inputs.labels import BACKGROUND, value_counts
+from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.scan.bilateral import labelled_on_both_sides
+from kneebatch.scan.read import READ_TIMEOUT_S, read_mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from kneebatch.config import LABELS, REGIONS, CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
-from kneebatch.io import Scan
+from kneebatch.scan.read import Scan
 
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)), end exclusive
 

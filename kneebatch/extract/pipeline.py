@@ -18,22 +18,22 @@ from typing import Literal
 import numpy as np
 
 from kneebatch import __version__
-from kneebatch.claims import claim
+from kneebatch.cohort.runtime import SUBJECTS_IN_PROGRESS, release_memory
 from kneebatch.config import REGIONS, ExtractionConfig
 from kneebatch.errors import KneebatchError, MemoryLimitError
-from kneebatch.io import READ_TIMEOUT_S, check_headers, load_scan
-from kneebatch.key import subject_key
-from kneebatch.manifest import SubjectSpec
-from kneebatch.memory import estimate_bytes, gib
+from kneebatch.extract.memory import estimate_bytes, gib
+from kneebatch.extract.similarity import SimilarityRow, similarities
+from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.features import extract_features
 from kneebatch.network.model import LoadedModel, get_model, model_info
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
-from kneebatch.records import DoneRecord
-from kneebatch.region_stats import RegionStats, region_stats
-from kneebatch.regions import Regions, make_regions
-from kneebatch.runtime import SUBJECTS_IN_PROGRESS, release_memory
-from kneebatch.similarity import SimilarityRow, similarities
-from kneebatch.store import QC, State, remove_result, result_state, write_subject
+from kneebatch.outdir.claims import claim
+from kneebatch.outdir.key import subject_key
+from kneebatch.outdir.records import DoneRecord
+from kneebatch.results.subject_files import QC, State, remove_result, result_state, write_subject
+from kneebatch.scan.read import READ_TIMEOUT_S, check_headers, load_scan
+from kneebatch.scan.region_stats import RegionStats, region_stats
+from kneebatch.scan.regions import Regions, make_regions
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def prepare_subject(spec: SubjectSpec, config: ExtractionConfig, *, stage: list[
     qc_png = None
     if qc:
         stage.append("qc")
-        from kneebatch.report import qc_title, render_qc
+        from kneebatch.report.qc_picture import qc_title, render_qc
 
         qc_png = render_qc(regions, qc_title(spec.subject_id, spec.side, regions.spacing_mm,
                                              weights))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kneebatch.outdir import BOOKKEEPING, record_name
+from kneebatch.outdir.folder import BOOKKEEPING, record_name
 
 log = logging.getLogger(__name__)
 

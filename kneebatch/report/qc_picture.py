@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kneebatch.labels import FEMUR, TIBIA
-from kneebatch.regions import Regions
+from kneebatch.inputs.labels import FEMUR, TIBIA
+from kneebatch.scan.regions import Regions
 
 BONE_WINDOW_HU = (-400.0, 1400.0)
 COLOURS = {"tibia": (0.12, 0.47, 0.96), "femur": (1.0, 0.55, 0.0), "background": (0.2, 0.8, 0.3)}
@@ -117,7 +117,7 @@ def qc_title(subject_id: str, side: str | None, spacing_mm: tuple[float, ...], w
 
 def write_qc(folder: Path, regions: Regions, title: str) -> Path:
     """Write ``folder/qc.png`` atomically."""
-    from kneebatch.store import write_bytes_atomic
+    from kneebatch.results.subject_files import write_bytes_atomic
 
     path = folder / "qc.png"
     write_bytes_atomic(path, render_qc(regions, title))

@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kneebatch.extras import ARROW_TYPES, convert, infer_types
-from kneebatch.failures import current_failures, write_failures_csv
-from kneebatch.labels import LabelMap
-from kneebatch.merge import check_not_merged
-from kneebatch.outdir import (
+from kneebatch.extract.similarity import SimilarityRow
+from kneebatch.inputs.extras import ARROW_TYPES, convert, infer_types
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.outdir.failures import current_failures, write_failures_csv
+from kneebatch.outdir.folder import (
     DATASETS,
     OLD_DEBRIS,
     SCHEMA_VERSION,
@@ -42,10 +42,16 @@ from kneebatch.outdir import (
     run_records,
     unwritable,
 )
-from kneebatch.records import DoneRecord, FailureRecord, RunRecord
-from kneebatch.region_stats import STAT_COLUMNS
-from kneebatch.similarity import SimilarityRow
-from kneebatch.store import DamagedResult, read_done, read_result, subject_dir, write_text_atomic
+from kneebatch.outdir.records import DoneRecord, FailureRecord, RunRecord
+from kneebatch.results.merge import check_not_merged
+from kneebatch.results.subject_files import (
+    DamagedResult,
+    read_done,
+    read_result,
+    subject_dir,
+    write_text_atomic,
+)
+from kneebatch.scan.region_stats import STAT_COLUMNS
 
 log = logging.getLogger(__name__)
 

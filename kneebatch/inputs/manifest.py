@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from kneebatch.errors import KneebatchError, ManifestError
-from kneebatch.labels import LabelMap
+from kneebatch.inputs.labels import LabelMap
 
 REQUIRED = ("subject_id", "ct", "mask")
 LABEL_COLUMNS = ("tibia_label", "femur_label")

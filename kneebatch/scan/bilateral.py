@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from kneebatch.errors import RegionError
-from kneebatch.labels import BACKGROUND
+from kneebatch.inputs.labels import BACKGROUND
 
 COARSE_MM = 4.0  # the body is found on a grid about this coarse: fast, and gaps are centimetres
 SUFFIXES = {"L": "_L", "R": "_R"}
@@ -20,7 +20,7 @@ SUFFIXES = {"L": "_L", "R": "_R"}
 def _occupied_columns(ct_hu: np.ndarray, spacing_mm: tuple[float, float, float],
                       threshold_hu: float, min_fraction: float) -> np.ndarray:
     """Which x columns (native indices) hold body, from a coarse copy."""
-    from kneebatch.regions import body_mask
+    from kneebatch.scan.regions import body_mask
 
     steps = [max(1, int(COARSE_MM // s)) for s in spacing_mm]
     coarse = ct_hu[::steps[0], ::steps[1], ::steps[2]]

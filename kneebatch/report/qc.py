@@ -6,15 +6,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kneebatch.claims import holder
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import KneebatchError
-from kneebatch.io import load_scan
-from kneebatch.labels import LabelMap
-from kneebatch.manifest import SubjectSpec
-from kneebatch.regions import make_regions
-from kneebatch.report import qc_title, write_qc
-from kneebatch.store import read_done
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.outdir.claims import holder
+from kneebatch.report.qc_picture import qc_title, write_qc
+from kneebatch.results.subject_files import read_done
+from kneebatch.scan.read import load_scan
+from kneebatch.scan.regions import make_regions
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import IO, Any
 import numpy as np
 
 from kneebatch.errors import OutputError
-from kneebatch.records import DoneRecord
-from kneebatch.similarity import SimilarityRow
+from kneebatch.extract.similarity import SimilarityRow
+from kneebatch.outdir.records import DoneRecord
 
 FEATURES = "features.npz"
 SIMILARITIES = "similarities.csv"

@@ -10,15 +10,15 @@ import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kneebatch.claims import Holder, holder
 from kneebatch.errors import OutputError
-from kneebatch.failures import subject_failures
-from kneebatch.key import subject_key
-from kneebatch.labels import LabelMap
-from kneebatch.manifest import parse_manifest
-from kneebatch.outdir import check_owned, folder_settings, read_manifest_record, run_records
-from kneebatch.records import FailureRecord, RunRecord
-from kneebatch.store import State, read_done, result_state, subject_dir
+from kneebatch.inputs.labels import LabelMap
+from kneebatch.inputs.manifest import parse_manifest
+from kneebatch.outdir.claims import Holder, holder
+from kneebatch.outdir.failures import subject_failures
+from kneebatch.outdir.folder import check_owned, folder_settings, read_manifest_record, run_records
+from kneebatch.outdir.key import subject_key
+from kneebatch.outdir.records import FailureRecord, RunRecord
+from kneebatch.results.subject_files import State, read_done, result_state, subject_dir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from kneebatch.manifest import SubjectSpec
+from kneebatch.inputs.manifest import SubjectSpec
 
 
 def _fingerprint(path: Path) -> list[object]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kneebatch.records import RunRecord
+from kneebatch.outdir.records import RunRecord
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;

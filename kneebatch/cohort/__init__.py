@@ -1,0 +1,1 @@
+"""A cohort run: the dask cluster, scheduling subjects, the worker task, status and progress."""

@@ -1,0 +1,1 @@
+"""Inputs: the manifest, label maps, the manifest's extra columns, and synthetic phantoms."""
