@@ -135,8 +135,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from kneebatch.extract.memory import estimate_bytes, gib
     from kneebatch.inputs.manifest import parse_manifest
+    from kneebatch.scan.headers import check_headers
     from kneebatch.scan.preflight import MaskCheck, check_mask
-    from kneebatch.scan.read import check_headers
 
     config = config_from_args(args)
     specs, row_problems = parse_manifest(args.manifest, args.labels)

@@ -44,7 +44,7 @@ from kneebatch.outdir.records import FailureRecord, ManifestRecord, RunRecord, S
 from kneebatch.results.gather import gather_run
 from kneebatch.results.merge import check_not_merged
 from kneebatch.results.subject_files import State, result_state
-from kneebatch.scan.read import READ_TIMEOUT_S
+from kneebatch.scan.files import READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,9 @@ from kneebatch.outdir.claims import claim
 from kneebatch.outdir.key import subject_key
 from kneebatch.outdir.records import DoneRecord
 from kneebatch.results.subject_files import QC, State, remove_result, result_state, write_subject
-from kneebatch.scan.read import READ_TIMEOUT_S, check_headers, load_scan
+from kneebatch.scan.files import READ_TIMEOUT_S
+from kneebatch.scan.headers import check_headers
+from kneebatch.scan.read import load_scan
 from kneebatch.scan.region_stats import RegionStats, region_stats
 from kneebatch.scan.regions import Regions, make_regions
 

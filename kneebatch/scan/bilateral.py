@@ -12,6 +12,7 @@ import numpy as np
 
 from kneebatch.errors import RegionError
 from kneebatch.inputs.labels import BACKGROUND
+from kneebatch.scan.body import body_mask
 
 COARSE_MM = 4.0  # the body is found on a grid about this coarse: fast, and gaps are centimetres
 SUFFIXES = {"L": "_L", "R": "_R"}
@@ -20,8 +21,6 @@ SUFFIXES = {"L": "_L", "R": "_R"}
 def _occupied_columns(ct_hu: np.ndarray, spacing_mm: tuple[float, float, float],
                       threshold_hu: float, min_fraction: float) -> np.ndarray:
     """Which x columns (native indices) hold body, from a coarse copy."""
-    from kneebatch.scan.regions import body_mask
-
     steps = [max(1, int(COARSE_MM // s)) for s in spacing_mm]
     coarse = ct_hu[::steps[0], ::steps[1], ::steps[2]]
     columns = body_mask(coarse, threshold_hu, min_fraction).any(axis=(0, 1))

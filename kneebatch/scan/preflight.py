@@ -9,7 +9,8 @@ import dataclasses
 from kneebatch.inputs.labels import BACKGROUND, value_counts
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.scan.bilateral import labelled_on_both_sides
-from kneebatch.scan.read import READ_TIMEOUT_S, read_mask
+from kneebatch.scan.files import READ_TIMEOUT_S
+from kneebatch.scan.read import read_mask
 
 
 @dataclasses.dataclass(frozen=True)

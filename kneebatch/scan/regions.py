@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from kneebatch.config import LABELS, REGIONS, CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
+from kneebatch.scan.body import body_mask
 from kneebatch.scan.read import Scan
 
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)), end exclusive
@@ -121,16 +122,6 @@ def _bbox(found: np.ndarray, margin: tuple[int, ...]) -> Box:
     return tuple(box)
 
 
-def body_mask(ct_hu: np.ndarray, threshold_hu: float, min_fraction: float) -> np.ndarray:
-    """Voxels of the connected components above ``threshold_hu`` that hold at least
-    ``min_fraction`` of the largest one's voxels (both legs stay; couch and specks go)."""
-    components, count = ndimage.label(ct_hu > threshold_hu)
-    if count == 0:
-        return np.zeros(ct_hu.shape, dtype=bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    keep = sizes >= min_fraction * sizes.max()  # False for the background (size 0)
-    return keep[components]
 
 
 def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
