@@ -93,14 +93,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import uuid
     from datetime import datetime, timezone
 
-    from kneebatch.cohort.runtime import configure_compute, usable_cpus
-    from kneebatch.extract.pipeline import process_subject
+    from kneebatch.cohort.task import process_subject
     from kneebatch.inputs.manifest import knees, subject_spec
     from kneebatch.network.model import get_model
     from kneebatch.network.options import compute_dtype
     from kneebatch.outdir.folder import check_settings, claim_out
     from kneebatch.outdir.records import SettingsRecord
     from kneebatch.results.subject_files import read_similarities, subject_dir
+    from kneebatch.runtime import configure_compute, usable_cpus
 
     config = config_from_args(args)
     specs = knees(subject_spec(args.subject_id, args.ct, args.mask, args.side, args.labels))
@@ -182,8 +182,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
-    from kneebatch.cohort.runtime import usable_cpus
     from kneebatch.network.model import check_model_file
+    from kneebatch.runtime import usable_cpus
 
     job = os.environ.get("SLURM_JOB_ID")
     print(f"kneebatch {__version__} on {socket.gethostname()}"
@@ -579,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The ``kneebatch`` command: ``main`` with a quick exit (the imported modules are kept out of
     Python's final garbage collection, which otherwise walks them for seconds)."""
-    from kneebatch.cohort.runtime import freeze_imports
+    from kneebatch.runtime import freeze_imports
 
     code = main()
     freeze_imports()

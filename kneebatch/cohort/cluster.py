@@ -23,9 +23,9 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
-from kneebatch.cohort.runtime import usable_cpus
 from kneebatch.errors import ConfigError
 from kneebatch.extract.memory import BASE_BYTES, gib
+from kneebatch.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from kneebatch.extract.pipeline import SubjectOutcome
+from kneebatch.cohort.outcome import SubjectOutcome
 
 
 def duration(seconds: float) -> str:

@@ -22,9 +22,10 @@ import torchvision
 
 from kneebatch import __version__
 from kneebatch.cohort.cluster import Connection
+from kneebatch.cohort.outcome import SubjectOutcome
+from kneebatch.cohort.task import process_subject
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError
-from kneebatch.extract.pipeline import SubjectOutcome, process_subject
 from kneebatch.inputs.extras import infer_types
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
@@ -106,7 +107,7 @@ def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out:
     """The task a worker runs: set this process's threads once, then process the subject."""
     from distributed import get_worker
 
-    from kneebatch.cohort.runtime import configure_compute
+    from kneebatch.runtime import configure_compute
 
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit

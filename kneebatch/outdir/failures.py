@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kneebatch.inputs.manifest import RowProblem
+from kneebatch.outdir.atomic import write_text_atomic
 from kneebatch.outdir.folder import BOOKKEEPING, record_name
 from kneebatch.outdir.records import FAILURE_COLUMNS, FailureRecord
-from kneebatch.results.subject_files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

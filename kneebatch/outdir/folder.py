@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kneebatch.errors import ConfigError, OutputError
+from kneebatch.outdir.atomic import write_text_atomic
 from kneebatch.outdir.records import ManifestRecord, RunRecord, SettingsRecord
-from kneebatch.results.subject_files import write_text_atomic
 
 BOOKKEEPING = ".kneebatch"
 SETTINGS = f"{BOOKKEEPING}/settings.json"

@@ -16,10 +16,10 @@ import pandas as pd
 
 from kneebatch.config import PAIRS
 from kneebatch.errors import ConfigError
+from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import run_records
 from kneebatch.outdir.records import RunRecord
 from kneebatch.results.gather import PROVENANCE
-from kneebatch.results.subject_files import write_bytes_atomic, write_text_atomic
 
 HEATMAP_MAX = 500
 MAX_GROUPS = 12

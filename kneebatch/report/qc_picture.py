@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kneebatch.inputs.labels import FEMUR, TIBIA
+from kneebatch.outdir.atomic import write_bytes_atomic
 from kneebatch.scan.regions import Regions
 
 BONE_WINDOW_HU = (-400.0, 1400.0)
@@ -117,8 +118,6 @@ def qc_title(subject_id: str, side: str | None, spacing_mm: tuple[float, ...], w
 
 def write_qc(folder: Path, regions: Regions, title: str) -> Path:
     """Write ``folder/qc.png`` atomically."""
-    from kneebatch.results.subject_files import write_bytes_atomic
-
     path = folder / "qc.png"
     write_bytes_atomic(path, render_qc(regions, title))
     return path

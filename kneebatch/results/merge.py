@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneebatch.errors import ConfigError, OutputError
+from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import (
     BOOKKEEPING,
     DATASETS,
@@ -32,7 +33,6 @@ from kneebatch.outdir.folder import (
     unwritable,
 )
 from kneebatch.outdir.records import FAILURE_COLUMNS, RunRecord, SettingsRecord
-from kneebatch.results.subject_files import write_bytes_atomic, write_text_atomic
 
 MERGED = f"{BOOKKEEPING}/merged.json"
 

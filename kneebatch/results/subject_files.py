@@ -1,4 +1,4 @@
-"""Store stage: write one subject's outputs atomically; tell finished subjects from the rest.
+"""Results, one subject: write's outputs atomically; tell finished subjects from the rest.
 
 Layout (a contract, see DESIGN.md): ``OUT/subjects/<id>/features.npz``, ``similarities.csv`` and
 ``done.json``, written last. Each file goes to a temporary name in the same folder and is renamed into
@@ -14,18 +14,15 @@ import dataclasses
 import enum
 import hashlib
 import io
-import os
 import time
-import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 
 from kneebatch.errors import OutputError
 from kneebatch.extract.similarity import SimilarityRow
+from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.records import DoneRecord
 
 FEATURES = "features.npz"
@@ -52,30 +49,10 @@ def subject_dir(out: Path, subject_id: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder."""
-    with _atomic(path, "w") as fh:
-        fh.write(text)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder."""
-    with _atomic(path) as fh:
-        fh.write(data)
 
 
 def _similarities_csv(rows: list[SimilarityRow]) -> str:
