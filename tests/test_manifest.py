@@ -74,3 +74,19 @@ def test_the_committed_sample_manifest_lists_what_sample_writes(tmp_path: Path) 
     assert [(s.subject_id, s.ct.name, s.mask.name, s.side, s.extra) for s in committed] == [
         (s.subject_id, s.ct.name, s.mask.name, s.side, s.extra) for s in written]
     assert all(s.ct.parent == repo / "data" / "sample" for s in committed)
+
+
+@pytest.mark.parametrize("column", ["hu_mean", "volume_ml", "voxels", "hu_p5", "hu_p95", "region",
+                                    "dim", "warnings"])
+def test_every_output_column_is_refused_with_the_rename_advice(tmp_path: Path, column: str) -> None:
+    # the region statistics' columns were once missing from the reserved names, so a manifest
+    # column hu_mean overwrote the real values and made regions/ unreadable
+    with pytest.raises(ManifestError, match=rf"{column} -> my_{column}"):
+        read_manifest(_write(tmp_path, f"subject_id,ct,mask,{column}\nk1,a,b,5\n"))
+
+
+def test_reserved_names_are_the_output_schema_columns() -> None:
+    from kneebatch.schema import DATASETS, RESERVED, result_columns
+
+    written = {c for name in DATASETS for c in result_columns(name)} - {"subject_id"}
+    assert written <= set(RESERVED) and "subject_id" not in RESERVED

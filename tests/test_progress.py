@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from kneebatch.cohort.outcome import SubjectOutcome
 from kneebatch.cohort.progress import Progress
-from kneebatch.extract.pipeline import SubjectOutcome
 
 
 def test_batch_log_gets_a_line_every_n_subjects() -> None:

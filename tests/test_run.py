@@ -234,7 +234,7 @@ def test_a_worker_reads_its_next_subject_while_one_computes(
     from kneebatch.cohort.run import run_cohort
 
     def stats() -> tuple[int, int]:  # runs in the worker: its own module state
-        from kneebatch.cohort import runtime
+        from kneebatch import runtime
         from kneebatch.network import model
 
         return runtime.SUBJECTS_IN_PROGRESS.peak, model.model_loads()

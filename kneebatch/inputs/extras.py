@@ -8,10 +8,6 @@ import math
 import re
 from collections.abc import Iterable
 
-import pyarrow as pa
-
-ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
-               "string": pa.string()}
 _INT = re.compile(r"^[+-]?\d+$")
 _BOOL = {"true": True, "false": False}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kneebatch.errors import KneebatchError, ManifestError
 from kneebatch.inputs.labels import LabelMap
+from kneebatch.schema import RESERVED
 
 REQUIRED = ("subject_id", "ct", "mask")
 LABEL_COLUMNS = ("tibia_label", "femur_label")
@@ -21,8 +22,6 @@ OPTIONAL = ("side", *LABEL_COLUMNS)
 SIDES = ("L", "R")
 BOTH = "both"  # a bilateral scan: two knees, <id>_L and <id>_R
 # Columns kneebatch writes into its outputs: an extra manifest column may not take these names.
-RESERVED = ("layer", "region", "region_a", "region_b", "cosine", "dim", "vector", "run_id",
-            "weights", "model_sha256", "config_hash", "key", "warnings", "labels")
 MAX_ID_LENGTH = 200  # a folder name must fit in 255 bytes, with room for kneebatch's own suffixes
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 

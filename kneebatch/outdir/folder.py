@@ -17,13 +17,12 @@ from pathlib import Path
 from kneebatch.errors import ConfigError, OutputError
 from kneebatch.outdir.atomic import write_text_atomic
 from kneebatch.outdir.records import ManifestRecord, RunRecord, SettingsRecord
+from kneebatch.schema import DATASETS
 
 BOOKKEEPING = ".kneebatch"
 SETTINGS = f"{BOOKKEEPING}/settings.json"
 MANIFEST = f"{BOOKKEEPING}/manifest.json"
 RUNS_DIR = f"{BOOKKEEPING}/runs"  # one JSON per run (or array shard); run.json is the latest
-DATASETS = ("similarities", "features", "regions")
-SCHEMA_VERSION = 2  # the layout of the Parquet datasets; in their metadata and in run.json
 # Everything kneebatch may put at the top of OUT.
 OURS = frozenset({BOOKKEEPING, "subjects", *DATASETS, "run.json", "failures.csv", "report"})
 _DATASET_FILE = re.compile(r"^(part-\d+\.parquet|\.part-\d+\.parquet\.[0-9a-f.]+\.tmp)$")

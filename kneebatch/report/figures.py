@@ -19,7 +19,7 @@ from kneebatch.errors import ConfigError
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import run_records
 from kneebatch.outdir.records import RunRecord
-from kneebatch.results.gather import PROVENANCE
+from kneebatch.schema import result_columns
 
 HEATMAP_MAX = 500
 MAX_GROUPS = 12
@@ -61,8 +61,7 @@ def _groups(sims: pd.DataFrame, by: str | None) -> list[tuple[str, pd.DataFrame]
 
 
 def _extra_columns(sims: pd.DataFrame) -> list[str]:
-    known = {"subject_id", "layer", "region_a", "region_b", "cosine", "pair", "warnings",
-             *PROVENANCE}
+    known = {*result_columns("similarities"), "pair"}
     return [c for c in sims.columns if c not in known]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -28,13 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneebatch.extract.similarity import SimilarityRow
-from kneebatch.inputs.extras import ARROW_TYPES, convert, infer_types
+from kneebatch.inputs.extras import convert, infer_types
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.outdir.failures import current_failures, write_failures_csv
 from kneebatch.outdir.folder import (
-    DATASETS,
     OLD_DEBRIS,
-    SCHEMA_VERSION,
     check_owned,
     folder_settings,
     gather_lock,
@@ -51,12 +48,10 @@ from kneebatch.results.subject_files import (
     subject_dir,
     write_text_atomic,
 )
-from kneebatch.scan.region_stats import STAT_COLUMNS
+from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION, schemas
 
 log = logging.getLogger(__name__)
 
-PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash", "labels")
-PART = "part-0.parquet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,26 +133,8 @@ def _survey(out: Path) -> _Survey:
     return survey
 
 
-def _schemas(extra_types: dict[str, str], provenance: dict[str, Any]) -> dict[str, pa.Schema]:
-    meta = {b"kneebatch": json.dumps({**provenance, "schema_version": SCHEMA_VERSION,
-                                      "extra_types": extra_types}, sort_keys=True).encode()}
-    prov = [(c, pa.string()) for c in PROVENANCE]
-    extras = [(c, ARROW_TYPES[kind]) for c, kind in extra_types.items()]
-    sims = pa.schema([("subject_id", pa.string()), ("layer", pa.string()),
-                      ("region_a", pa.string()), ("region_b", pa.string()),
-                      ("cosine", pa.float64()), *extras, ("warnings", pa.string()), *prov],
-                     metadata=meta)
-    feats = pa.schema([("subject_id", pa.string()), ("region", pa.string()),
-                       ("layer", pa.string()), ("dim", pa.int32()),
-                       ("vector", pa.list_(pa.float32())), *prov], metadata=meta)
-    stats = [("voxels", pa.int64())] + [(c, pa.float64()) for c in STAT_COLUMNS if c != "voxels"]
-    regions = pa.schema([("subject_id", pa.string()), ("region", pa.string()), *stats, *extras,
-                         *prov], metadata=meta)
-    return {"similarities": sims, "features": feats, "regions": regions}
-
-
 @contextlib.contextmanager
-def _writers(out: Path, schemas: dict[str, pa.Schema]) -> Iterator[
+def _writers(out: Path, arrow_schemas: dict[str, pa.Schema]) -> Iterator[
         tuple[dict[str, pq.ParquetWriter], list[tuple[Path, Path]]]]:
     """Writers to temporary files beside each dataset's part; the caller renames them in."""
     token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -167,7 +144,7 @@ def _writers(out: Path, schemas: dict[str, pa.Schema]) -> Iterator[
         moves.append((out / name / f".{PART}.{token}.tmp", out / name / PART))
     try:
         with contextlib.ExitStack() as stack:
-            writers = {name: stack.enter_context(pq.ParquetWriter(tmp, schemas[name]))
+            writers = {name: stack.enter_context(pq.ParquetWriter(tmp, arrow_schemas[name]))
                        for name, (tmp, _) in zip(DATASETS, moves, strict=True)}
             yield writers, moves
     finally:
@@ -224,10 +201,10 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
         manifest = read_manifest_record(out)
         extra_types = (manifest.extra_types if manifest and manifest.extra_types
                        else infer_types(d.extra for _, d in survey.finished))
-        schemas = _schemas(extra_types, provenance or {})
+        arrow_schemas = schemas(extra_types, provenance or {})
         gathered: list[str] = []
         counts = dict.fromkeys(DATASETS, 0)
-        with _writers(out, schemas) as (writers, moves):
+        with _writers(out, arrow_schemas) as (writers, moves):
             for start in range(0, len(survey.finished), batch):
                 tables: dict[str, list[dict[str, Any]]] = {name: [] for name in DATASETS}
                 for folder, done in survey.finished[start:start + batch]:
@@ -243,7 +220,7 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
                     for name, new in _rows(done, rows, vectors, extra_types).items():
                         tables[name] += new
                 for name, writer in writers.items():
-                    writer.write_table(pa.Table.from_pylist(tables[name], schema=schemas[name]))
+                    writer.write_table(pa.Table.from_pylist(tables[name], schema=arrow_schemas[name]))
                     counts[name] += len(tables[name])
             for writer in writers.values():
                 writer.close()

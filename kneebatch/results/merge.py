@@ -24,8 +24,6 @@ from kneebatch.errors import ConfigError, OutputError
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import (
     BOOKKEEPING,
-    DATASETS,
-    SCHEMA_VERSION,
     check_owned,
     check_settings,
     claim_out,
@@ -33,6 +31,7 @@ from kneebatch.outdir.folder import (
     unwritable,
 )
 from kneebatch.outdir.records import FAILURE_COLUMNS, RunRecord, SettingsRecord
+from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION
 
 MERGED = f"{BOOKKEEPING}/merged.json"
 
@@ -65,7 +64,7 @@ def check_not_merged(out: Path, command: str) -> None:
 
 def _schema_version(out: Path) -> int:
     try:
-        meta = pq.read_schema(out / "similarities" / "part-0.parquet").metadata or {}
+        meta = pq.read_schema(out / "similarities" / PART).metadata or {}
         return int(json.loads(meta.get(b"kneebatch", b"{}")).get("schema_version", 1))
     except (OSError, ValueError, pa.ArrowException):
         return 0
@@ -155,7 +154,7 @@ def merge_runs(sources: list[Path], target: Path) -> MergeResult:
             (target / name).mkdir(exist_ok=True)
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
-            write_bytes_atomic(target / name / "part-0.parquet", sink.getvalue().to_pybytes())
+            write_bytes_atomic(target / name / PART, sink.getvalue().to_pybytes())
             if name == "similarities":
                 count = len(table.column("subject_id").unique())
         failures, failed = _failures(sources)

@@ -13,8 +13,7 @@ from kneebatch.config import LABELS, REGIONS
 from kneebatch.inputs.labels import BACKGROUND
 from kneebatch.scan.read import Scan
 from kneebatch.scan.regions import Regions
-
-PERCENTILES = (5, 25, 50, 75, 95)
+from kneebatch.schema import PERCENTILES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +39,6 @@ class RegionStats:
                                     "hu_mean": self.hu_mean, "hu_std": self.hu_std}
         values |= {f"hu_p{p}": v for p, v in zip(PERCENTILES, self.hu_percentiles, strict=True)}
         return values
-
-
-STAT_COLUMNS = tuple(RegionStats(0, 0, 0, 0, (0,) * len(PERCENTILES)).to_dict())
 
 
 def _body_on_native(regions: Regions, native_shape: tuple[int, ...],
