@@ -29,9 +29,10 @@ def _flops(shapes: list[tuple[int, ...]], layers: tuple[str, ...]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kneebatch.network.model import _architecture, grey_input
+    from kneebatch.network.model import grey_input
+    from kneebatch.network.modelfile import architecture
 
-    net = copy.deepcopy(grey_input(_architecture(), "grey")).to("meta")
+    net = copy.deepcopy(grey_input(architecture(), "grey")).to("meta")
     children = list(net.named_children())
     deepest = max(i for i, (name, _) in enumerate(children) if name in layers)
     total = 0.0
@@ -91,11 +92,11 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
 
 def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]:
     """kneebatch's per-knee path as a worker runs it: the model is already loaded."""
-    from kneebatch.cohort.runtime import configure_compute, usable_cpus
     from kneebatch.config import ExtractionConfig
     from kneebatch.extract.pipeline import compute_subject
     from kneebatch.inputs.manifest import SubjectSpec
-    from kneebatch.network.model import get_model
+    from kneebatch.network.cache import get_model
+    from kneebatch.runtime import configure_compute, usable_cpus
 
     configure_compute(usable_cpus())
     config = ExtractionConfig.seed() if native else ExtractionConfig()
@@ -116,7 +117,7 @@ def _conv_peak() -> dict[str, float]:
     from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kneebatch.cohort.runtime import configure_compute, usable_cpus
+    from kneebatch.runtime import configure_compute, usable_cpus
 
     configure_compute(usable_cpus())
     best = 0.0
@@ -243,7 +244,8 @@ def main() -> None:
     import SimpleITK as sitk
 
     from kneebatch.inputs.phantom import make_phantom
-    from kneebatch.network.model import build_model, save_model
+    from kneebatch.network.modelfile import save_model
+    from kneebatch.network.weights import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

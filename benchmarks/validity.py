@@ -64,8 +64,8 @@ def measure(manifest: Path, model: Path) -> dict[str, object]:
     """Vectors of every knee under each (pooling, margin), and the measures of the docstring."""
     from kneebatch.config import ExtractionConfig
     from kneebatch.inputs.manifest import read_manifest
+    from kneebatch.network.cache import get_model
     from kneebatch.network.features import extract_features
-    from kneebatch.network.model import get_model
     from kneebatch.scan.read import load_scan
     from kneebatch.scan.regions import make_regions
 
@@ -146,7 +146,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("validity.json"))
     args = parser.parse_args()
     from kneebatch.inputs.phantom import write_sample
-    from kneebatch.network.model import build_model, save_model
+    from kneebatch.network.modelfile import save_model
+    from kneebatch.network.weights import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = args.manifest or write_sample(Path(tmp) / "sample", args.subjects)

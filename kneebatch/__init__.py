@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from kneebatch.api import extract_subject, read_results
     from kneebatch.cohort.run import run_cohort
     from kneebatch.config import ExtractionConfig
-    from kneebatch.network.model import build_model
+    from kneebatch.network.weights import build_model
     from kneebatch.results.tables import feature_matrix
 
-_HOMES = {"build_model": "kneebatch.network.model", "extract_subject": "kneebatch.api",
+_HOMES = {"build_model": "kneebatch.network.weights", "extract_subject": "kneebatch.api",
           "read_results": "kneebatch.api", "run_cohort": "kneebatch.cohort.run",
           "ExtractionConfig": "kneebatch.config", "feature_matrix": "kneebatch.results.tables"}
 

@@ -12,7 +12,7 @@ from kneebatch.errors import ConfigError
 from kneebatch.extract.pipeline import SubjectResult, compute_subject
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import subject_spec
-from kneebatch.network.model import get_model
+from kneebatch.network.cache import get_model
 
 
 @dataclasses.dataclass(frozen=True)

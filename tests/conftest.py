@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from kneebatch.inputs.phantom import make_phantom
-from kneebatch.network.model import build_model, save_model
+from kneebatch.network.modelfile import save_model
+from kneebatch.network.weights import build_model
 
 SMALL_SHAPE = (40, 64, 64)  # (z, y, x)
 SMALL_SPACING = (1.2, 1.0, 1.0)

@@ -15,7 +15,7 @@ from kneebatch.cli.main import build_parser, main
 from kneebatch.config import ExtractionConfig
 from kneebatch.extract.pipeline import compute_subject
 from kneebatch.inputs.manifest import SubjectSpec
-from kneebatch.network.model import get_model
+from kneebatch.network.cache import get_model
 from kneebatch.results.subject_files import read_features, read_similarities
 
 from .conftest import SMALL_SHAPE

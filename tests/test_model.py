@@ -11,16 +11,11 @@ import torch
 from torchvision.models import densenet121
 
 from kneebatch.errors import WeightsError
+from kneebatch.network.cache import get_model, model_loads
 from kneebatch.network.checkpoints import is_published_imagenet, published_imagenet_prefix
-from kneebatch.network.model import (
-    build_model,
-    check_model_file,
-    get_model,
-    grey_input,
-    load_model,
-    model_loads,
-    save_model,
-)
+from kneebatch.network.model import grey_input, load_model
+from kneebatch.network.modelfile import check_model_file, save_model
+from kneebatch.network.weights import build_model
 
 
 def test_saved_model_loads_back_identically(tmp_path: Path) -> None:
@@ -154,3 +149,16 @@ def test_torchvisions_published_imagenet_hash_is_recognised() -> None:
     assert prefix == "a639ec97"  # densenet121-a639ec97.pth, torchvision's IMAGENET1K_V1
     assert is_published_imagenet(prefix + "0" * 56)
     assert not is_published_imagenet("0" * 64)
+
+
+@pytest.mark.parametrize("text", ["imagenet:IMAGENET1K_V1", "random:seed=7",
+                                  "file:densenet121-custom.pth:sha256=0123456789abcdef"],
+                         ids=["imagenet", "random", "file"])
+def test_weights_source_round_trips_its_recorded_form(text: str) -> None:
+    from kneebatch.network.source import WeightsSource
+
+    source = WeightsSource.parse(text)
+    assert str(source) == text
+    assert source.is_random == text.startswith("random")
+    assert source.option == {"imagenet": "imagenet", "random": "random",
+                             "file": "densenet121-custom.pth"}[source.kind]

@@ -324,7 +324,8 @@ def test_a_model_file_that_is_not_ours_is_refused_before_compute(
 
     import torch
 
-    from kneebatch.network.model import file_sha256, sidecar_path
+    from kneebatch.network.modelfile import sidecar_path
+    from kneebatch.network.weights import file_sha256
 
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, other)

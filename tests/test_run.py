@@ -213,7 +213,7 @@ def test_each_worker_loads_the_model_once(cohort: Path, model_path: Path, tmp_pa
     from distributed import Client, LocalCluster
 
     from kneebatch.cohort.run import run_cohort
-    from kneebatch.network.model import model_loads
+    from kneebatch.network.cache import model_loads
 
     specs = [s for s in read_manifest(cohort) if s.subject_id != "broken"] * 1
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
@@ -235,9 +235,9 @@ def test_a_worker_reads_its_next_subject_while_one_computes(
 
     def stats() -> tuple[int, int]:  # runs in the worker: its own module state
         from kneebatch import runtime
-        from kneebatch.network import model
+        from kneebatch.network import cache
 
-        return runtime.SUBJECTS_IN_PROGRESS.peak, model.model_loads()
+        return runtime.SUBJECTS_IN_PROGRESS.peak, cache.model_loads()
 
     specs = [s for s in read_manifest(cohort) if s.subject_id != "broken"]
     with local_cluster(1, 1, 4 * 1024**3, subjects=subjects) as cluster, \

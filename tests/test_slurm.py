@@ -15,7 +15,7 @@ import pytest
 
 from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
-from kneebatch.network.model import get_model
+from kneebatch.network.cache import get_model
 
 from .slurm import start_slurm
 from .test_run import assert_same_results

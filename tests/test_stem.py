@@ -13,9 +13,10 @@ import torch
 from kneebatch.network import features as features_module
 from kneebatch.network import lean
 from kneebatch.network.features import extract_features
-from kneebatch.network.model import build_model, grey_input
+from kneebatch.network.model import grey_input
 from kneebatch.network.options import ForwardOptions
 from kneebatch.network.stem import STEM, stem_in_slabs
+from kneebatch.network.weights import build_model
 
 # Inputs are uniform in [0, 1]: the range of the network input with the ImageNet fold.
 CL = torch.channels_last_3d

@@ -72,7 +72,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_model(args: argparse.Namespace) -> int:
-    from kneebatch.network.model import build_model, save_model
+    from kneebatch.network.modelfile import save_model
+    from kneebatch.network.weights import build_model
 
     network, source = build_model(weights=args.weights, seed=args.seed)
     info = save_model(network, source, args.out)
@@ -95,7 +96,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from kneebatch.cohort.task import process_subject
     from kneebatch.inputs.manifest import knees, subject_spec
-    from kneebatch.network.model import get_model
+    from kneebatch.network.cache import get_model
     from kneebatch.network.options import compute_dtype
     from kneebatch.outdir.folder import check_settings, claim_out
     from kneebatch.outdir.records import SettingsRecord
@@ -182,7 +183,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
-    from kneebatch.network.model import check_model_file
+    from kneebatch.network.modelfile import check_model_file
     from kneebatch.runtime import usable_cpus
 
     job = os.environ.get("SLURM_JOB_ID")

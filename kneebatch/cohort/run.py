@@ -29,8 +29,9 @@ from kneebatch.errors import ConfigError
 from kneebatch.inputs.extras import infer_types
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.network.model import check_model_file, file_sha256
+from kneebatch.network.modelfile import check_model_file
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
+from kneebatch.network.weights import file_sha256
 from kneebatch.outdir.claims import holder
 from kneebatch.outdir.failures import (
     clear_failure,
@@ -214,7 +215,7 @@ def run_cohort(
         problems_here = problems
     compute_dtype(config.precision)  # a precision this CPU lacks: refused before anything runs
     info = check_model_file(model_path)
-    if info.weights.startswith("random"):
+    if info.source.is_random:
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
                     info.weights)
     config_hash = config.hash()

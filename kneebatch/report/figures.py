@@ -16,6 +16,7 @@ import pandas as pd
 
 from kneebatch.config import PAIRS
 from kneebatch.errors import ConfigError
+from kneebatch.network.source import WeightsSource
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import run_records
 from kneebatch.outdir.records import RunRecord
@@ -41,7 +42,7 @@ def _pair_names() -> list[str]:
 
 def mark_random(figure: object, weights: str) -> None:
     """A large "RANDOM WEIGHTS" mark across a figure made from random weights."""
-    if weights.startswith("random"):
+    if WeightsSource.parse(weights).is_random:
         figure.text(0.5, 0.5, "RANDOM WEIGHTS", fontsize=44, color="#d9534f",  # type: ignore[attr-defined]
                     alpha=0.3, ha="center", va="center", rotation=15, weight="bold", zorder=10)
 
