@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kneebatch.config import (
@@ -22,6 +23,9 @@ from kneebatch.inputs.labels import LabelMap
 if TYPE_CHECKING:
     from kneebatch.cohort.cluster import ClusterSpec, SlurmOptions
     from kneebatch.network.options import ForwardOptions
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 75  # see `main`'s docstring
 
 
 def _spacing(value: str) -> float | str:
@@ -170,3 +174,20 @@ def add_slurm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--interface", default=None, metavar="NAME",
                        help="network interface the scheduler and workers talk over, e.g. ib0 "
                             "(default: dask's choice)")
+
+
+def add_out_folder(parser: argparse.ArgumentParser) -> None:
+    """OUT as the first argument or as ``--out``, the way ``run`` and ``extract`` spell it."""
+    parser.add_argument("out", type=Path, nargs="?", default=None, metavar="OUT",
+                        help="the output folder of a run (or give it as --out OUT)")
+    parser.add_argument("--out", type=Path, dest="out_option", default=None, metavar="OUT",
+                        help="the same as the OUT argument")
+
+
+def model_file(args: argparse.Namespace) -> Path:
+    value = args.model or os.environ.get("KNEEBATCH_MODEL")
+    if not value:
+        raise ConfigError("No model file given. Build one with `kneebatch build-model --out "
+                          "model3d_state_dict.pth`, then pass --model FILE or set "
+                          "KNEEBATCH_MODEL=FILE.")
+    return Path(value)

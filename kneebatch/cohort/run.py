@@ -11,7 +11,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,11 +39,10 @@ from kneebatch.outdir.failures import (
     save_row_problems,
     write_failures_csv,
 )
-from kneebatch.outdir.folder import check_settings, claim_out, save_manifest, save_run_record, unwritable
+from kneebatch.outdir.folder import open_out, save_manifest, save_run_record, unwritable
 from kneebatch.outdir.key import subject_key
 from kneebatch.outdir.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.results.gather import gather_run
-from kneebatch.results.merge import check_not_merged
 from kneebatch.results.subject_files import State, result_state
 from kneebatch.scan.files import READ_TIMEOUT_S
 
@@ -219,11 +217,8 @@ def run_cohort(
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
                     info.weights)
     config_hash = config.hash()
-    claim_out(out)
-    check_not_merged(out, "run")
-    check_settings(out, SettingsRecord(config_hash, info.sha256, info.weights, config.to_dict()),
-                   overwrite=overwrite)
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    run_id = open_out(out, SettingsRecord(config_hash, info.sha256, info.weights, config.to_dict()),
+                      command="run", overwrite=overwrite)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     keys = {s.subject_id: subject_key(s, config_hash, info.sha256) for s in specs}

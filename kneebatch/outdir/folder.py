@@ -11,8 +11,11 @@ import contextlib
 import fcntl
 import hashlib
 import re
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from kneebatch.errors import ConfigError, OutputError
 from kneebatch.outdir.atomic import write_text_atomic
@@ -181,3 +184,52 @@ def gather_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+MERGED = f"{BOOKKEEPING}/merged.json"
+
+
+
+def is_merged(out: Path) -> bool:
+    """Whether OUT was written by ``kneebatch merge``."""
+    return (out / MERGED).is_file()
+
+
+
+def check_not_merged(out: Path, command: str) -> None:
+    """Refuse ``run``/``gather`` into a merge folder (it has no per-subject files to build from).
+
+    Raises:
+        ConfigError: naming the merge command to repeat instead.
+    """
+    if is_merged(out):
+        raise ConfigError(f"{out} was made by `kneebatch merge`; `kneebatch {command}` cannot "
+                          "write into it. Run into one of its source folders (see its run.json "
+                          "'sources'), then repeat the merge.")
+
+
+def new_run_id(kind: str = "") -> str:
+    """A run id: UTC time and a random suffix, prefixed by ``kind`` (``extract``, ``merge``)."""
+    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    return f"{kind}-{stamp}" if kind else stamp
+
+
+def open_out(out: Path, settings: SettingsRecord, *,
+             command: Literal["run", "extract", "merge"], overwrite: bool = False) -> str:
+    """Open OUT for a command that writes results made with ``settings``: claim the folder,
+    refuse a merge folder (but to ``merge`` itself, which replaces an earlier merge) and results
+    of other settings (unless ``overwrite``).
+
+    Returns:
+        A new run id for the command.
+
+    Raises:
+        ConfigError, OutputError: see ``claim_out``, ``check_not_merged``, ``check_settings``.
+    """
+    claim_out(out)
+    if command == "merge":
+        overwrite = is_merged(out)
+    else:
+        check_not_merged(out, command)
+    check_settings(out, settings, overwrite=overwrite)
+    return new_run_id("" if command == "run" else command)

@@ -32,6 +32,7 @@ from kneebatch.inputs.labels import LabelMap
 from kneebatch.outdir.failures import current_failures, write_failures_csv
 from kneebatch.outdir.folder import (
     OLD_DEBRIS,
+    check_not_merged,
     check_owned,
     folder_settings,
     gather_lock,
@@ -40,7 +41,6 @@ from kneebatch.outdir.folder import (
     unwritable,
 )
 from kneebatch.outdir.records import DoneRecord, FailureRecord, RunRecord
-from kneebatch.results.merge import check_not_merged
 from kneebatch.results.subject_files import (
     DamagedResult,
     read_done,

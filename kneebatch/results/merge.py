@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import io
 import json
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,17 +22,14 @@ import pyarrow.parquet as pq
 from kneebatch.errors import ConfigError, OutputError
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import (
-    BOOKKEEPING,
+    MERGED,
     check_owned,
-    check_settings,
-    claim_out,
     folder_settings,
+    open_out,
     unwritable,
 )
 from kneebatch.outdir.records import FAILURE_COLUMNS, RunRecord, SettingsRecord
 from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION
-
-MERGED = f"{BOOKKEEPING}/merged.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +41,8 @@ class MergeResult:
     sources: tuple[str, ...]
 
 
-def is_merged(out: Path) -> bool:
-    """Whether OUT was written by ``kneebatch merge``."""
-    return (out / MERGED).is_file()
 
 
-def check_not_merged(out: Path, command: str) -> None:
-    """Refuse ``run``/``gather`` into a merge folder (it has no per-subject files to build from).
-
-    Raises:
-        ConfigError: naming the merge command to repeat instead.
-    """
-    if is_merged(out):
-        raise ConfigError(f"{out} was made by `kneebatch merge`; `kneebatch {command}` cannot "
-                          "write into it. Run into one of its source folders (see its run.json "
-                          "'sources'), then repeat the merge.")
 
 
 def _schema_version(out: Path) -> int:
@@ -145,8 +128,7 @@ def merge_runs(sources: list[Path], target: Path) -> MergeResult:
     settings = _check_sources(sources)
     if (target / "subjects").exists():
         raise ConfigError(f"{target} is a run folder; merge into a new or empty --out.")
-    claim_out(target)
-    check_settings(target, settings, overwrite=is_merged(target))
+    run_id = open_out(target, settings, command="merge")
     try:
         count = 0
         for name in DATASETS:
@@ -166,7 +148,7 @@ def merge_runs(sources: list[Path], target: Path) -> MergeResult:
             for key, value in (record.counts if record else {}).items():
                 counts[key] = counts.get(key, 0) + value
         summary = RunRecord(
-            run_id=f"merge-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}",
+            run_id=run_id,
             started=now, ended=now, config_hash=settings.config_hash, config=settings.config,
             model_sha256=settings.model_sha256, weights=settings.weights,
             shards=[r.run_id for r in records if r], counts=counts,

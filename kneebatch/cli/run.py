@@ -1,0 +1,158 @@
+"""The ``run`` command: a whole manifest on dask, with signals handled and a summary printed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from kneebatch.cli.options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGNAL,
+    add_config_options,
+    add_labels,
+    add_plain_forward,
+    add_read_timeout,
+    add_slurm_options,
+    cluster_spec_from_args,
+    config_from_args,
+    forward_from_args,
+    model_file,
+)
+from kneebatch.config import PAIRS
+
+log = logging.getLogger("kneebatch")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kneebatch.cohort.progress import Progress
+    from kneebatch.cohort.run import run_cohort
+
+    config = config_from_args(args)
+    model_path = model_file(args)
+    progress = Progress(0, sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
+                        every_n=args.progress_every)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now
+        log.warning("received %s: finishing the run; finished subjects are kept (Ctrl-C again "
+                    "to abort at once)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    _route_dask_logging(args.debug)
+    summary = run_cohort(args.manifest, args.out, model_path, config=config,
+                         cluster=cluster_spec_from_args(args), overwrite=args.overwrite,
+                         on_progress=progress, stop=stop, gather_results=not args.no_gather,
+                         qc=args.qc, part=args.shard,
+                         read_timeout_s=args.read_timeout, on_start=progress.start,
+                         forward=forward_from_args(args), labels=args.labels)
+    print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
+          f"{summary.skipped} skipped (already done) of {summary.total} in "
+          f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
+    if summary.changed:
+        print(f"{summary.changed} subject(s) were redone because their inputs, settings or "
+              "result files changed since they were finished.")
+    if summary.left_out:
+        print(f"{summary.left_out} folder(s) under {summary.out / 'subjects'} are not in this "
+              "manifest and were left out of the Parquet.")
+    if args.no_gather:
+        print(f"Per-subject results in {summary.out / 'subjects'}; build the Parquet with "
+              f"`kneebatch gather {summary.out}` once every shard is done.")
+    else:
+        print(f"Results in {summary.out}: similarities/, features/ and regions/ (Parquet), run.json, "
+              "failures.csv, subjects/")
+        _print_summary_table(summary.out)
+    if summary.failed:
+        print(f"{summary.failed} subject(s) failed: see {summary.out / 'failures.csv'}")
+    if summary.pending and not summary.stopped:
+        print(f"{summary.pending} subject(s) of the manifest have no current result (replaced "
+              f"by another run?): see `kneebatch status {summary.out}`, then rerun.")
+        return EXIT_FAILED
+    if summary.stopped:
+        print("Stopped before the end; finished subjects are kept. To resume, run the same "
+              "command again.")
+        return EXIT_SIGNAL
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _print_summary_table(out: Path) -> None:
+    import pandas as pd
+
+    sims = pd.read_parquet(out / "similarities")
+    if sims.empty:
+        return
+    sims["pair"] = sims["region_a"] + "-" + sims["region_b"]
+    table = sims.pivot_table(index="layer", columns="pair", values="cosine", aggfunc="mean")
+    table = table[[f"{a}-{b}" for a, b in PAIRS]]
+    weights = ", ".join(sorted(sims["weights"].unique()))
+    print(f"Mean cosine similarity over {sims['subject_id'].nunique()} subject(s) "
+          f"(from {out / 'similarities'}; weights: {weights}):")
+    print(table.round(4).to_string())
+
+
+def _route_dask_logging(debug: bool) -> None:
+    """dask's own log lines in our format, and quiet (errors only) unless ``--debug``; worker
+    processes inherit the level through dask's config variable."""
+    import distributed  # noqa: F401  (dask sets up its loggers on import; we replace them)
+
+    level = "info" if debug else "error"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level)
+    for name in ("distributed", "dask_jobqueue"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = logging.getLogger("kneebatch").handlers
+        logger.setLevel(logging.INFO if debug else logging.ERROR)
+        logger.propagate = False
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``run`` command(s) to the parser."""
+    p = sub.add_parser("run", help="a whole manifest on dask, gathered into Parquet")
+    p.add_argument("manifest", type=Path, help="cohort CSV: subject_id,ct,mask[,side,...]")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the output folder (a rerun with the same OUT resumes)")
+    p.add_argument("--model", default=None, help="model file (default: $KNEEBATCH_MODEL)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes (default: usable CPUs / 2, from SLURM_CPUS_PER_TASK or "
+                        "the CPU affinity)")
+    p.add_argument("--threads-per-worker", type=int, default=0,
+                   help="compute threads per worker (default: CPUs / workers; on a joined "
+                        "scheduler: 1 per task slot)")
+    p.add_argument("--subjects-per-worker", type=int, default=2, metavar="N",
+                   help="subjects a local worker holds at once (default: 2: it reads the next "
+                        "while the current one runs through the network; 1: one after the other, "
+                        "less memory)")
+    p.add_argument("--memory-per-worker", default=None, metavar="SIZE",
+                   help="memory limit of each local worker, e.g. 4GB (default: the job's memory "
+                        "/ workers); subjects predicted to need more are refused")
+    p.add_argument("--cluster", choices=["local", "slurm"], default="local",
+                   help="local: a LocalCluster here (default); slurm: worker jobs via dask-jobqueue")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
+    where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
+    p.add_argument("--shard", default=None, metavar="I/N", help="only subjects I, I+N, ... (0-based)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute finished subjects too; replace results of other settings or "
+                        "another model in OUT (otherwise refused)")
+    p.add_argument("--qc", action="store_true",
+                   help="write each subject's qc.png as it finishes (see `kneebatch report`)")
+    p.add_argument("--no-gather", action="store_true",
+                   help="skip the Parquet at the end (array shards: one `kneebatch gather` after)")
+    p.add_argument("--progress-every", type=int, default=0, metavar="N",
+                   help="in batch logs, a progress line every N subjects (default: 5%%)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="serve dask's dashboard on localhost (a free port; the link is logged)")
+    add_read_timeout(p)
+    add_plain_forward(p)
+    add_labels(p)
+    add_config_options(p)
+    add_slurm_options(p)
+    p.set_defaults(func=_cmd_run)
