@@ -39,3 +39,15 @@ def test_apptainer_image_copies_files_that_exist_and_installs_the_package() -> N
         assert (ROOT / line.split()[0]).exists(), line
     assert "--index-url {{ TORCH_INDEX }}" in text and "whl/cpu" in text
     assert "pip install --no-cache-dir /opt/kneebatch-src" in text
+
+
+def test_citation_file_and_the_cite_line_agree(capsys) -> None:  # type: ignore[no-untyped-def]
+    from kneebatch import __version__
+    from kneebatch.citation import LICENSE, TITLE
+    from kneebatch.cli import main
+
+    cff = (ROOT / "CITATION.cff").read_text()
+    assert f'title: "{TITLE}"' in cff and f'version: "{__version__}"' in cff
+    assert f"license: {LICENSE}" in cff and "Apache License" in (ROOT / "LICENSE").read_text()
+    assert main(["info"]) == 0
+    assert f"to cite: The kneebatch developers. {TITLE}." in capsys.readouterr().out

@@ -76,6 +76,7 @@ def test_cohort_figures_and_a_page_with_a_qc_gallery(reported: Path) -> None:
         assert f"href='../subjects/knee00{i}/qc.png'" in page
         _looks_like_a_picture(folder / "qc" / f"knee00{i}.png", 200, 80)
     assert "random:seed=0" in page and "RANDOM WEIGHTS" in page
+    assert "How to cite" in page and "CITATION.cff" in page
     assert "broken" in page and "gone.nii.gz: does not exist" in page
     assert "manifest None" not in page and "<th>spacing_mm</th><td>1.0</td>" in page
 

@@ -42,6 +42,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
+    from kneebatch.citation import citation
     from kneebatch.network.modelfile import check_model_file
     from kneebatch.runtime import usable_cpus
 
@@ -55,6 +56,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if value:
         info = check_model_file(Path(value))  # a bad model file fails the job here, at once
         print(f"model {value}: sha256 {info.sha256}, weights {info.weights}")
+    print(f"to cite: {citation()}")
     return EXIT_OK
 
 

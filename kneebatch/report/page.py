@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kneebatch.citation import citation
 from kneebatch.outdir.records import RunRecord
 
 STYLE = """
@@ -161,5 +162,6 @@ def render(content: ReportContent) -> str:
                                               escape=True, classes="failures"))
     parts += _gallery(content)
     parts += _provenance(content)
+    parts.append(f"<h2>How to cite</h2><p class='cite'>{_e(citation())}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
