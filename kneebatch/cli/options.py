@@ -153,9 +153,12 @@ def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
 
 def add_slurm_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SLURM worker jobs (--cluster slurm, via dask-jobqueue)")
-    group.add_argument("--slurm-cores", type=int, default=8, help="cores per job (default: 8)")
-    group.add_argument("--slurm-memory", default="32GB", help="memory per job (default: 32GB)")
-    group.add_argument("--slurm-walltime", default="04:00:00", help="per job (default: 04:00:00)")
+    group.add_argument("--slurm-cores", type=int, default=None,
+                       help="cores per job (default: the site's jobqueue.slurm.cores, else 8)")
+    group.add_argument("--slurm-memory", default=None,
+                       help="memory per job (default: the site's jobqueue.slurm.memory, else 32GB)")
+    group.add_argument("--slurm-walltime", default=None,
+                       help="per job (default: the site's jobqueue.slurm.walltime, else 04:00:00)")
     group.add_argument("--slurm-partition", default=None,
                        help="partition of the worker jobs (default: the site's)")
     group.add_argument("--slurm-account", default=None,

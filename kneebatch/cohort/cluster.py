@@ -39,8 +39,10 @@ class SlurmOptions:
     """Worker jobs that dask-jobqueue's ``SLURMCluster`` submits (``--cluster slurm``).
 
     Attributes:
-        cores, memory, walltime: per worker job (``memory`` like ``32GB``).
-        partition, account: ``#SBATCH -p`` / ``-A`` (None: the site's default).
+        cores, memory, walltime: per worker job (``memory`` like ``32GB``); None: the site's
+            dask-jobqueue configuration (``jobqueue.slurm.cores`` ...), else ``DEFAULTS``.
+        partition, account: ``#SBATCH -p`` / ``-A`` (None: the site's configuration, else
+            SLURM's default).
         directives: further ``#SBATCH`` lines, e.g. ``--qos=long``.
         max_jobs: at most this many worker jobs at once (adaptive between 1 and this).
         lifetime: a worker retires after this long (default: walltime minus 10 minutes) and a
@@ -51,9 +53,9 @@ class SlurmOptions:
         interface: the network interface dask talks over (e.g. ``ib0``; default: dask's).
     """
 
-    cores: int = 8
-    memory: str = "32GB"
-    walltime: str = "04:00:00"
+    cores: int | None = None
+    memory: str | None = None
+    walltime: str | None = None
     partition: str | None = None
     account: str | None = None
     directives: tuple[str, ...] = ()
@@ -62,6 +64,27 @@ class SlurmOptions:
     prologue: tuple[str, ...] = ()
     log_dir: str | None = None
     interface: str | None = None
+
+
+DEFAULTS: dict[str, Any] = {"cores": 8, "memory": "32GB", "walltime": "04:00:00"}  # nobody said
+_JOBQUEUE_WALLTIME = "00:30:00"  # dask-jobqueue's own default: not a site's choice
+
+
+def _site(key: str) -> Any:
+    """The site's ``jobqueue.slurm.<key>`` (None where the site set nothing)."""
+    value = dask.config.get(f"jobqueue.slurm.{key}", None)
+    if key == "walltime" and value == _JOBQUEUE_WALLTIME:
+        return None
+    return value
+
+
+def _resolve(opts: SlurmOptions) -> SlurmOptions:
+    """The options with every unset job size taken from the site's configuration, else ours: an
+    option given on the command line wins, then ``jobqueue.slurm.*``, then ``DEFAULTS``."""
+    sizes = {key: getattr(opts, key) if getattr(opts, key) is not None
+             else _site(key) if _site(key) is not None else default
+             for key, default in DEFAULTS.items()}
+    return dataclasses.replace(opts, **sizes)
 
 
 def _lifetime(walltime: str) -> str:
@@ -86,6 +109,8 @@ def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
         from dask_jobqueue import SLURMCluster
     except ImportError as exc:
         raise ConfigError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue") from exc
+    opts = _resolve(opts)
+    assert opts.cores is not None and opts.walltime is not None  # _resolve filled them
     if threads > opts.cores:
         raise ConfigError(f"--threads-per-worker {threads} exceeds --slurm-cores {opts.cores}; "
                           "e.g. --slurm-cores 8 --threads-per-worker 2.")
@@ -101,11 +126,13 @@ def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
         walltime=opts.walltime,
         queue=opts.partition,
         account=opts.account,
-        job_extra_directives=list(opts.directives),
+        # the site's own lines first, then ours (None: the site's configuration as it is)
+        job_extra_directives=[*(_site("job-extra-directives") or []), *opts.directives],
         # one subject at a time per worker; the worker retires before its job's walltime
-        worker_extra_args=["--resources", "subject=1", "--lifetime", walltime_lifetime,
-                           "--lifetime-stagger", "2m"],
-        job_script_prologue=[*opts.prologue, f"export OMP_NUM_THREADS={threads}",
+        worker_extra_args=[*(_site("worker-extra-args") or []), "--resources", "subject=1",
+                           "--lifetime", walltime_lifetime, "--lifetime-stagger", "2m"],
+        job_script_prologue=[*(_site("job-script-prologue") or []), *opts.prologue,
+                             f"export OMP_NUM_THREADS={threads}",
                              f"{shlex.quote(sys.executable)} -m kneebatch info"],
         log_directory=opts.log_dir,
         interface=opts.interface,
@@ -253,12 +280,12 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
     if spec.slurm is not None:
         threads = spec.threads_per_worker or 2
         with slurm_cluster(spec.slurm, threads) as cluster:
-            check_sbatch(cluster.job_script())
-        with slurm_cluster(spec.slurm, threads) as cluster, Client(cluster) as client:
-            cluster.adapt(minimum_jobs=1, maximum_jobs=spec.slurm.max_jobs)
-            log.info("submitting up to %d SLURM worker job(s) of %d cores, %s, walltime %s",
-                     spec.slurm.max_jobs, spec.slurm.cores, spec.slurm.memory, spec.slurm.walltime)
-            yield Connection(client, threads, {"subject": 1})
+            check_sbatch(cluster.job_script())  # refused before any job is submitted
+            with Client(cluster) as client:
+                cluster.adapt(minimum_jobs=1, maximum_jobs=spec.slurm.max_jobs)
+                log.info("submitting up to %d SLURM worker job(s): %s", spec.slurm.max_jobs,
+                         cluster.job_header.replace("\n", "; "))
+                yield Connection(client, threads, {"subject": 1})
         return
     workers, threads = layout(spec)
     if spec.memory_limit_bytes:
