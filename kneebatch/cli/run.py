@@ -31,7 +31,7 @@ log = logging.getLogger("kneebatch")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from kneebatch.cohort.progress import Progress
-    from kneebatch.cohort.run import run_cohort
+    from kneebatch.cohort.run import RunOptions, run_cohort
 
     config = config_from_args(args)
     model_path = model_file(args)
@@ -49,12 +49,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, request_stop)
     _route_dask_logging(args.debug)
-    summary = run_cohort(args.manifest, args.out, model_path, config=config,
-                         cluster=cluster_spec_from_args(args), overwrite=args.overwrite,
-                         on_progress=progress, stop=stop, gather_results=not args.no_gather,
-                         qc=args.qc, part=args.shard,
-                         read_timeout_s=args.read_timeout, on_start=progress.start,
-                         forward=forward_from_args(args), labels=args.labels)
+    options = RunOptions(config=config, labels=args.labels, overwrite=args.overwrite,
+                         part=args.shard, qc=args.qc, gather_results=not args.no_gather,
+                         read_timeout_s=args.read_timeout, forward=forward_from_args(args))
+    summary = run_cohort(args.manifest, args.out, model_path, options,
+                         cluster=cluster_spec_from_args(args), on_start=progress.start,
+                         on_progress=progress, stop=stop)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 import torchvision
+from distributed import Client, get_worker
 
 from kneebatch import __version__
-from kneebatch.cohort.cluster import Connection
+from kneebatch.cohort.cluster import ClusterSpec, Connection, open_client, subject_resources
 from kneebatch.cohort.outcome import SubjectOutcome
+from kneebatch.cohort.scheduling import consume
 from kneebatch.cohort.task import process_subject
 from kneebatch.config import ExtractionConfig
 from kneebatch.errors import ConfigError
@@ -31,24 +33,55 @@ from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
 from kneebatch.network.modelfile import check_model_file
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.network.weights import file_sha256
-from kneebatch.outdir.claims import holder
 from kneebatch.outdir.failures import (
-    clear_failure,
     current_failures,
-    save_failure,
     save_row_problems,
     write_failures_csv,
 )
 from kneebatch.outdir.folder import open_out, save_manifest, save_run_record, unwritable
 from kneebatch.outdir.key import subject_key
-from kneebatch.outdir.records import FailureRecord, ManifestRecord, RunRecord, SettingsRecord
+from kneebatch.outdir.records import ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.results.gather import gather_run
 from kneebatch.results.subject_files import State, result_state
+from kneebatch.runtime import configure_compute
 from kneebatch.scan.files import READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-FAILURES_EVERY_S = 10.0  # failures.csv is rewritten as failures come in, at most this often
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What a cohort run computes and how; recorded in run.json (``options``).
+
+    Attributes:
+        config: the extraction settings.
+        labels: the mask values of tibia and femur (``--labels``); a manifest row's
+            ``tibia_label`` / ``femur_label`` columns override it.
+        overwrite: recompute finished subjects too, and replace results of other settings.
+        part: only the subjects of shard ``I/N``; the whole manifest is still recorded, so a
+            gather after all shards takes every subject.
+        qc: write each subject's ``qc.png`` as it finishes.
+        gather_results: build the Parquet datasets and run.json at the end (array shards leave
+            it to one ``kneebatch gather`` after all of them).
+        read_timeout_s: a file that gives no answer for this long fails its subject.
+        forward: the forward pass's fast-path switches (``ForwardOptions.plain()`` to debug).
+    """
+
+    config: ExtractionConfig = dataclasses.field(default_factory=ExtractionConfig)
+    labels: LabelMap | None = None
+    overwrite: bool = False
+    part: str | None = None
+    qc: bool = False
+    gather_results: bool = True
+    read_timeout_s: float = READ_TIMEOUT_S
+    forward: ForwardOptions = FAST
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for run.json (the extraction settings are recorded beside it, in full)."""
+        return {"labels": str(self.labels or LabelMap()), "overwrite": self.overwrite,
+                "part": self.part, "qc": self.qc, "gather_results": self.gather_results,
+                "read_timeout_s": self.read_timeout_s, "forward": self.forward.to_dict()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +137,6 @@ def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out:
              threads: int, qc: bool, run_id: str, overwrite: bool,
              read_timeout_s: float, forward: ForwardOptions) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
-    from distributed import get_worker
-
-    from kneebatch.runtime import configure_compute
-
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit
     return process_subject(spec, config, model_path, out, run_id=run_id,
@@ -143,21 +172,15 @@ def run_cohort(
     manifest: Path | str | list[SubjectSpec],
     out: Path | str,
     model_path: Path | str,
+    options: RunOptions | None = None,
     *,
     config: ExtractionConfig | None = None,
-    client: Any = None,
-    cluster: Any = None,
-    overwrite: bool = False,
+    client: Client | None = None,
+    cluster: ClusterSpec | None = None,
+    manifest_problems: list[RowProblem] | None = None,
+    on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[SubjectOutcome], None] | None = None,
     stop: threading.Event | None = None,
-    gather_results: bool = True,
-    manifest_problems: list[RowProblem] | None = None,
-    qc: bool = False,
-    part: str | None = None,
-    read_timeout_s: float = READ_TIMEOUT_S,
-    on_start: Callable[[int], None] | None = None,
-    forward: ForwardOptions = FAST,
-    labels: LabelMap | None = None,
 ) -> RunSummary:
     """Process a cohort on dask and gather it into Parquet.
 
@@ -165,26 +188,17 @@ def run_cohort(
         manifest: a manifest CSV, or the subjects of one (from ``read_manifest``).
         out: output folder (created and marked as kneebatch's).
         model_path: model file from ``kneebatch build-model``.
-        config: extraction settings (defaults from DESIGN.md).
+        options: what to compute and how (recorded in run.json); default ``RunOptions()``.
+        config: the extraction settings: a shorthand for ``RunOptions(config=...)``.
         client: a connected ``distributed.Client`` to use (e.g. from dask-jobqueue); else one is
             opened from ``cluster``.
         cluster: a ``ClusterSpec`` (default: a LocalCluster sized from this machine).
-        overwrite: recompute finished subjects too, and replace results of other settings.
+        manifest_problems: unusable manifest rows (from ``parse_manifest``), listed in
+            ``failures.csv`` and counted as failed.
+        on_start: called with the number of subjects this run will compute (for progress).
         on_progress: called with each subject's outcome as it finishes.
         stop: when set (e.g. by a SIGTERM handler), unfinished subjects are cancelled, what is
             finished is gathered (never shrinking the Parquet), and the summary says ``stopped``.
-        gather_results: build the Parquet datasets and run.json at the end (array shards leave
-            it to one ``kneebatch gather`` after all of them).
-        manifest_problems: unusable manifest rows (from ``parse_manifest``), listed in
-            ``failures.csv`` and counted as failed.
-        qc: write each subject's ``qc.png`` as it finishes.
-        part: only the subjects of shard ``I/N``; the whole manifest is still recorded, so a
-            gather after all shards takes every subject.
-        read_timeout_s: a file that gives no answer for this long fails its subject.
-        on_start: called with the number of subjects this run will compute (for progress).
-        forward: the forward pass's fast-path switches (``ForwardOptions.plain()`` to debug).
-        labels: the mask values of tibia and femur (``--labels``); a manifest row's
-            ``tibia_label`` / ``femur_label`` columns override it.
 
     Returns:
         Counts and timing.
@@ -193,9 +207,11 @@ def run_cohort(
         WeightsError, ConfigError, OutputError: nothing could run (bad model, options, output,
             results of other settings in ``out``).
     """
-    from kneebatch.cohort.cluster import ClusterSpec, open_client, subject_resources
+    options = options or RunOptions()
+    if config is not None:
+        options = dataclasses.replace(options, config=config)
+    config, labels, part, overwrite = options.config, options.labels, options.part, options.overwrite
 
-    config = config or ExtractionConfig()
     out, model_path = Path(out), Path(model_path)
     problems = list(manifest_problems or [])
     if isinstance(manifest, list):
@@ -247,7 +263,7 @@ def run_cohort(
                           "kneebatch": info.kneebatch},
         manifest=manifest_record.path, manifest_sha256=manifest_record.sha256,
         labels=str(labels or LabelMap()), command=list(sys.argv), host=socket.gethostname(),
-        slurm=_slurm_ids(), shard=part)
+        slurm=_slurm_ids(), shard=part, options=options.to_dict())
     save_run_record(out, record)  # a run in progress, for `kneebatch status`
     if on_start:
         on_start(len(todo))
@@ -255,19 +271,21 @@ def run_cohort(
     stopped = False
     if todo:
         task = functools.partial(_run_one, config=config, model_path=model_path.resolve(),
-                                 out=out.resolve(), qc=qc, run_id=run_id, overwrite=overwrite,
-                                 read_timeout_s=read_timeout_s, forward=forward)
+                                 out=out.resolve(), qc=options.qc, run_id=run_id,
+                                 overwrite=overwrite, read_timeout_s=options.read_timeout_s,
+                                 forward=options.forward)
 
-        def consume(connection: Connection) -> bool:
-            return _consume(connection, todo, task, out, list(keys), outcomes, on_progress, stop)
+        def run_on(connection: Connection) -> bool:
+            return consume(connection, todo, task, out=out, run_id=run_id, subjects=list(keys),
+                           outcomes=outcomes, on_progress=on_progress, stop=stop)
 
         if client is not None:
             # A cluster we did not start: each of its task slots is one CPU unless told otherwise.
-            stopped = consume(Connection(client, getattr(cluster, "threads_per_worker", 0) or 1,
-                                         subject_resources(client)))
+            stopped = run_on(Connection(client, getattr(cluster, "threads_per_worker", 0) or 1,
+                                        subject_resources(client)))
         else:
             with open_client(cluster or ClusterSpec()) as connection:
-                stopped = consume(connection)
+                stopped = run_on(connection)
     ok = sum(o.ok for o in outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
     skipped = len(mine) - len(todo) + sum(o.status == "skipped" for o in outcomes)
@@ -280,115 +298,14 @@ def run_cohort(
         stage_seconds=_stage_totals(outcomes), wall_s=round(wall_s, 2), stopped=stopped)
     save_run_record(out, record)
     pending = left_out = 0
-    if gather_results:
+    if options.gather_results:
         result = gather_run(out, record, keep_larger=stopped)
         pending, left_out = len(result.pending), result.left_out
     return RunSummary(run_id, len(mine) + len(problems_here), ok, failed + len(problems_here), skipped,
                       wall_s, out, stopped, changed, pending, left_out)
 
 
-def _slots(client: Any) -> int:
-    """Subjects the cluster can run at once: one per worker that offers the ``subject``
-    resource, else one per thread (at least 1, so an adaptive cluster gets its first job)."""
-    workers = client.scheduler_info().get("workers", {}).values()
-    return max(1, sum(int(w.get("resources", {}).get("subject", 0) or w.get("nthreads", 1))
-                      for w in workers))
 
 
-def _consume(connection: Connection, todo: list[SubjectSpec],
-             task: Callable[..., SubjectOutcome], out: Path, subjects: list[str],
-             outcomes: list[SubjectOutcome], on_progress: Callable[[SubjectOutcome], None] | None,
-             stop: threading.Event | None) -> bool:
-    """Feed the subjects to the cluster, settle each as it finishes; True if ``stop`` cut the
-    run short.
-
-    No more subjects are in flight than the cluster has slots, so none waits in a busy worker's
-    queue: when a worker dies, only the subject it was running is blamed (and retried once).
-    A subject another process holds comes back ``claimed``; it is fed again once that claim is
-    released, and then either found finished (skipped) or computed here. ``failures.csv`` is
-    rewritten as failures come in (at most every ``FAILURES_EVERY_S``).
-    """
-    from distributed import as_completed
-
-    client = connection.client
-    by_key: dict[str, SubjectSpec] = {}
-    queue = list(todo)
-    waiting: list[SubjectSpec] = []
-    in_flight: list[Any] = []
-    pending = as_completed()
-    rounds = 0
-    run_id = task.keywords["run_id"]  # type: ignore[attr-defined]
-
-    def feed() -> None:
-        nonlocal rounds
-        free = _slots(client) - len(in_flight)
-        if free <= 0 or not queue:
-            return
-        batch, queue[:free] = queue[:free], []
-        rounds += 1
-        futures = client.map(
-            task, batch, threads=connection.threads,
-            key=[f"kneebatch-{run_id}-{rounds}-{s.subject_id}" for s in batch],
-            pure=False, resources=connection.resources)
-        by_key.update({str(f.key): s for f, s in zip(futures, batch, strict=True)})
-        in_flight.extend(futures)
-        pending.update(futures)
-
-    feed()
-    last_check = last_csv = 0.0
-    stale_csv = False
-    while in_flight or queue or waiting:
-        if stop is not None and stop.is_set():
-            log.warning("stop requested: cancelling %d running subject(s), %d not started; "
-                        "rerun the same command to finish them", len(in_flight),
-                        len(queue) + len(waiting))
-            client.cancel(in_flight)
-            return True
-        batch = pending.next_batch(block=False)
-        for future in batch:
-            in_flight.remove(future)
-            spec = by_key[str(future.key)]
-            try:
-                outcome = future.result()
-            except Exception as exc:  # the worker died twice while running this subject
-                outcome = SubjectOutcome(spec.subject_id, "failed", (
-                    f"Subject {spec.subject_id}: its worker died while running it, twice "
-                    f"({type(exc).__name__}). Often out of memory: give workers more memory "
-                    "(--memory-per-worker, sbatch --mem) or fewer threads, then rerun (finished "
-                    "subjects are kept)."), "worker")
-            if outcome.status == "claimed":
-                waiting.append(spec)
-                continue
-            stale_csv |= _settle(out, spec, outcome, run_id)
-            outcomes.append(outcome)
-            if on_progress:
-                on_progress(outcome)
-        now = time.monotonic()
-        if stale_csv and now - last_csv > FAILURES_EVERY_S:
-            last_csv = now
-            try:
-                write_failures_csv(out, current_failures(out, subjects))
-                stale_csv = False
-            except OSError as exc:  # e.g. the disk is full: kept stale, tried again later
-                log.warning("cannot update %s: %s", out / "failures.csv", exc)
-        if waiting and now - last_check > 1.0:
-            last_check = now
-            free = [s for s in waiting if holder(out, s.subject_id) is None]
-            waiting = [s for s in waiting if s not in free]
-            queue.extend(free)
-            if not free and not in_flight and not queue:
-                log.info("waiting for %d subject(s) another run is computing", len(waiting))
-        feed()
-        if not batch:
-            time.sleep(0.1)
-    return False
 
 
-def _settle(out: Path, spec: SubjectSpec, outcome: SubjectOutcome, run_id: str) -> bool:
-    """Record a subject's outcome; True when ``failures.csv`` changed."""
-    if outcome.status in ("finished", "skipped"):
-        return clear_failure(out, spec.subject_id)
-    save_failure(out, FailureRecord(
-        spec.subject_id, outcome.error or "", outcome.stage or "", str(spec.ct), str(spec.mask),
-        datetime.now(timezone.utc).isoformat(timespec="seconds"), run_id))
-    return True

@@ -145,6 +145,7 @@ class RunRecord(_Record):
     host: str = ""
     slurm: dict[str, str] = dataclasses.field(default_factory=dict)
     shard: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
     shards: list[str] = dataclasses.field(default_factory=list)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
