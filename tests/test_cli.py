@@ -13,12 +13,10 @@ import pytest
 
 from kneebatch.cli.main import build_parser, main
 from kneebatch.config import ExtractionConfig
-from kneebatch.extract.pipeline import compute_subject
-from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.cache import get_model
 from kneebatch.results.subject_files import read_features, read_similarities
 
-from .conftest import SMALL_SHAPE
+from .helpers import SMALL_SHAPE
 
 
 def _extract(knee: tuple[Path, Path], out: Path, model: Path, *extra: str) -> int:
@@ -57,19 +55,6 @@ def test_extract_writes_the_contract_and_prints_the_table(
     assert "random:seed=0" in printed and "tibia-femur" in printed
     for r in rows:
         assert f"{r.cosine:.6f}" in printed
-
-
-def test_files_hold_what_the_in_memory_api_computes(
-        knee: tuple[Path, Path], tmp_path: Path, model_path: Path) -> None:
-    assert _extract(knee, tmp_path / "out", model_path) == 0
-    result = compute_subject(SubjectSpec("k1", knee[0], knee[1], "R"), ExtractionConfig(),
-                             get_model(model_path))
-    stored = read_features(tmp_path / "out" / "subjects" / "k1")
-    for region, by_layer in result.vectors.items():
-        for layer, vector in by_layer.items():
-            np.testing.assert_array_equal(stored[f"{region}.{layer}"], vector)
-    assert [r.cosine for r in read_similarities(tmp_path / "out" / "subjects" / "k1")] == [
-        r.cosine for r in result.rows]
 
 
 def test_preset_seed_feeds_the_whole_native_volume(

@@ -20,11 +20,14 @@ import SimpleITK as sitk
 from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
 
-FAST = ("--workers", "1", "--spacing", "2")  # tiny volumes: these tests are about bookkeeping
+from . import helpers
+from .helpers import done, edit_manifest, features
+
+FAST = helpers.BOOKKEEPING_RUN
 
 
 def run(manifest: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["run", str(manifest), "--out", str(out), "--model", str(model), *FAST, *extra])
+    return helpers.run(manifest, out, model, *FAST, *extra)
 
 
 def command(manifest: Path, out: Path, model: Path, *extra: str) -> list[str]:
@@ -36,15 +39,8 @@ def sims(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "similarities")
 
 
-def done(out: Path, subject: str) -> dict[str, object]:
-    return json.loads((out / "subjects" / subject / "done.json").read_text())
 
 
-def edit_manifest(manifest: Path, subject: str, **changes: str) -> None:
-    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    for column, value in changes.items():
-        df.loc[df["subject_id"] == subject, column] = value
-    df.to_csv(manifest, index=False)
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +84,14 @@ def test_a_corrected_manifest_redoes_the_changed_subjects(
     folder = cohort.parent
     shutil.copy(folder / "knee001_ct.nii.gz", folder / "other_ct.nii.gz")
     shutil.copy(folder / "knee001_mask.nii.gz", folder / "other_mask.nii.gz")
+    knee001_before = {k[1:]: v for k, v in features(finished).items() if k[0] == "knee001"}
+    assert done(finished, "knee001")["side"] == "R"
     capsys.readouterr()
     assert run(cohort, finished, model_path) == 0  # nothing changed yet: nothing redone
     assert "0 finished, 0 failed, 3 skipped" in capsys.readouterr().out
     edit_manifest(cohort, "knee001", side="L")
-    edit_manifest(cohort, "knee002", ct="other_ct.nii.gz", mask="other_mask.nii.gz")
+    # knee002 now points at copies of knee001's files, as a right knee like knee001 was
+    edit_manifest(cohort, "knee002", ct="other_ct.nii.gz", mask="other_mask.nii.gz", side="R")
     edit_manifest(cohort, "knee003", site="Z")
     capsys.readouterr()
     assert run(cohort, finished, model_path) == 0
@@ -103,7 +102,11 @@ def test_a_corrected_manifest_redoes_the_changed_subjects(
     assert str(done(finished, "knee002")["ct"]).endswith("other_ct.nii.gz")
     table = sims(finished)
     assert table.loc[table["subject_id"] == "knee003", "site"].unique().tolist() == ["Z"]
-    # the same CT as knee001, now seen as a right knee: the same numbers as knee001 had
+    after = features(finished)
+    # the same knee read from the copies gives the numbers knee001 had before its edit
+    assert knee001_before
+    for key, vector in knee001_before.items():
+        np.testing.assert_allclose(after[("knee002", *key)], vector, rtol=1e-5, atol=1e-6)
     assert run(cohort, finished, model_path) == 0
     assert "0 finished, 0 failed, 3 skipped" in capsys.readouterr().out
 

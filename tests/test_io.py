@@ -15,7 +15,7 @@ from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.inputs.phantom import make_phantom
 from kneebatch.scan.read import load_scan
 
-from .conftest import SMALL_SHAPE, SMALL_SPACING
+from .helpers import SMALL_SHAPE, SMALL_SPACING, write_dicom_series
 
 CONFIG = ExtractionConfig()
 
@@ -29,25 +29,6 @@ def _spec(ct: Path, mask: Path, side: str | None = None) -> SubjectSpec:
     return SubjectSpec("s1", ct, mask, side)
 
 
-def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "slice ") -> None:
-    """One file per slice, with the position and orientation tags a scanner writes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = image.GetDirection()
-    orientation = "\\".join(str(v) for v in (*direction[0:7:3], *direction[1:8:3]))
-    series_uid = "1.2.826.0.1.3680043.2.1125." + str(abs(hash(str(folder))) % 10**12)
-    for k in range(image.GetDepth()):
-        sl = image[:, :, k]
-        for tag, value in {
-            "0008|0060": "CT", "0020|000d": series_uid + ".1", "0020|000e": series_uid,
-            "0020|0037": orientation, "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0008|0018": f"{series_uid}.{k + 10}",
-        }.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
-        writer.Execute(sl)
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".nrrd", ".mha", "dicom"],

@@ -22,7 +22,9 @@ import SimpleITK as sitk
 from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
 
-FAST = ("--workers", "1", "--spacing", "2")
+from . import helpers
+
+FAST = helpers.BOOKKEEPING_RUN
 OUR_LINE = re.compile(r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: |progress: |"
                       r"\s|Traceback)")
 
@@ -33,7 +35,7 @@ def command(manifest: Path, out: Path, model: Path, *extra: str) -> list[str]:
 
 
 def run(manifest: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["run", str(manifest), "--out", str(out), "--model", str(model), *FAST, *extra])
+    return helpers.run(manifest, out, model, *FAST, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -23,43 +23,18 @@ import SimpleITK as sitk
 from kneebatch.cli.main import main
 from kneebatch.cohort.run import shard
 from kneebatch.inputs.manifest import read_manifest
-from kneebatch.inputs.phantom import write_sample
+
+from .helpers import assert_same_results, features, make_cohort, run
 
 GOOD = ["knee001", "knee002", "knee003", "knee004"]
 
 
-def make_cohort(folder: Path, bad: bool = True) -> Path:
-    """Four small phantoms plus (optionally) one subject whose CT is missing."""
-    manifest = write_sample(folder, 4, size="small")
-    if bad:
-        with manifest.open("a") as fh:
-            fh.write("broken,missing_ct.nii.gz,knee001_mask.nii.gz,R,A,50\n")
-    return manifest
 
 
-def similarities(out: Path) -> pd.DataFrame:
-    df = pd.read_parquet(out / "similarities").drop(columns=["run_id"])
-    return df.sort_values(["subject_id", "layer", "region_a", "region_b"]).reset_index(drop=True)
 
 
-def features(out: Path) -> dict[tuple[str, str, str], np.ndarray]:
-    df = pd.read_parquet(out / "features")
-    return {(r.subject_id, r.region, r.layer): np.asarray(r.vector, np.float32)
-            for r in df.itertuples()}
 
 
-def assert_same_results(a: Path, b: Path, atol: float = 0.0, rtol: float = 0.0) -> None:
-    sa, sb = similarities(a), similarities(b)
-    pd.testing.assert_frame_equal(sa.drop(columns="cosine"), sb.drop(columns="cosine"))
-    np.testing.assert_allclose(sa["cosine"], sb["cosine"], rtol=0, atol=atol)
-    fa, fb = features(a), features(b)
-    assert fa.keys() == fb.keys()
-    for key in fa:
-        np.testing.assert_allclose(fa[key], fb[key], rtol=rtol, atol=atol, err_msg=str(key))
-
-
-def run(manifest: Path, out: Path, model: Path, *extra: str) -> int:
-    return main(["run", str(manifest), "--out", str(out), "--model", str(model), *extra])
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
 from kneebatch.network.cache import get_model
 
+from .helpers import assert_same_results
 from .slurm import start_slurm
-from .test_run import assert_same_results
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
