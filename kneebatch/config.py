@@ -8,8 +8,9 @@ import hashlib
 import json
 import logging
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, get_args
 
+from kneebatch.errors import ConfigError
 from kneebatch.inputs.labels import FEMUR, TIBIA
 
 LAYERS = (
@@ -23,10 +24,14 @@ LAYERS = (
     "norm5",
 )
 DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
-PRECISIONS = ("float32", "bf16")
-INPUT_NORMS = ("imagenet", "grey")
-POOLINGS = ("region", "crop")
-CONV_PADDINGS = ("replicate", "zeros")
+Precision = Literal["float32", "bf16"]
+InputNorm = Literal["imagenet", "grey"]
+Pooling = Literal["region", "crop"]
+ConvPadding = Literal["replicate", "zeros"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+CONV_PADDINGS: tuple[str, ...] = get_args(ConvPadding)
 REGIONS = ("tibia", "femur", "background")
 PAIRS = (("tibia", "femur"), ("tibia", "background"), ("femur", "background"))
 LABELS = {"tibia": TIBIA, "femur": FEMUR}  # kneebatch's own labels, after the subject's label map
@@ -47,8 +52,6 @@ def did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
 
 def parse_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     """Return ``value`` if it is one of ``choices``; else raise ConfigError with a hint."""
-    from kneebatch.errors import ConfigError
-
     if value not in choices:
         raise ConfigError(
             f"Unknown {what} {value!r}; expected one of {', '.join(choices)}."
@@ -93,11 +96,11 @@ class ExtractionConfig:
     crop: CropMode = CropMode.BBOX
     hu_min: float = -1000.0
     hu_max: float = 2000.0
-    input_norm: str = "imagenet"
+    input_norm: InputNorm = "imagenet"
     mean: float = 0.449
     std: float = 0.226
-    pooling: str = "region"
-    conv_padding: str = "replicate"
+    pooling: Pooling = "region"
+    conv_padding: ConvPadding = "replicate"
     antialias: bool = True
     margin_mm: float = 10.0
     body_threshold_hu: float = -500.0
@@ -105,11 +108,9 @@ class ExtractionConfig:
     min_size: int = 32
     layers: tuple[str, ...] = DEFAULT_LAYERS
     resample_mask: bool = False
-    precision: str = "float32"
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
-        from kneebatch.errors import ConfigError
-
         if self.spacing_mm is not None and not self.spacing_mm > 0:
             raise ConfigError(f"spacing must be a positive number of mm or 'native', got "
                               f"{self.spacing_mm!r}.")

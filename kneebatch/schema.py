@@ -7,10 +7,13 @@ columns) takes names from here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pyarrow as pa
+
+from kneebatch.outdir.records import ParquetMetadata, parse_dataclass
 
 SCHEMA_VERSION = 2  # the layout of the Parquet datasets; in their metadata and in run.json
 DATASETS = ("similarities", "features", "regions")
@@ -64,3 +67,18 @@ def schemas(extra_types: dict[str, str], provenance: dict[str, Any]) -> dict[str
 def result_columns(dataset: str) -> tuple[str, ...]:
     """The columns of ``dataset`` that kneebatch writes itself (not the manifest's extras)."""
     return tuple(name for name, _ in _FIXED[dataset] + _AFTER_EXTRAS[dataset]) + PROVENANCE
+
+
+def read_metadata(metadata: dict[bytes, bytes] | None) -> ParquetMetadata:
+    """The provenance of a Parquet file from its schema metadata; a file without it (or with
+    unreadable metadata) reads as schema version 1 with nothing else known."""
+    try:
+        data = json.loads((metadata or {}).get(METADATA_KEY, b"{}"))
+        return parse_dataclass(ParquetMetadata, data if isinstance(data, dict) else {})
+    except (ValueError, TypeError):  # malformed metadata (not JSON, not a record)
+        return ParquetMetadata()
+
+
+def write_metadata(metadata: ParquetMetadata) -> dict[bytes, bytes]:
+    """Schema metadata holding ``metadata`` (the one writer beside ``schemas``)."""
+    return {METADATA_KEY: json.dumps(dataclasses.asdict(metadata), sort_keys=True).encode()}

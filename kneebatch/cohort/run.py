@@ -40,7 +40,7 @@ from kneebatch.outdir.failures import (
 )
 from kneebatch.outdir.folder import open_out, save_manifest, save_run_record, unwritable
 from kneebatch.outdir.key import subject_key
-from kneebatch.outdir.records import ManifestRecord, RunRecord, SettingsRecord
+from kneebatch.outdir.records import Counts, ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.results.gather import gather_run
 from kneebatch.results.subject_files import State, result_state
 from kneebatch.runtime import configure_compute
@@ -292,9 +292,8 @@ def run_cohort(
     wall_s = time.perf_counter() - t0
     record = dataclasses.replace(
         record, ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        counts={"total": len(mine) + len(problems_here), "ok": ok,
-                "failed": failed + len(problems_here),
-                "skipped": skipped, "changed": changed},
+        counts=Counts(total=len(mine) + len(problems_here), ok=ok,
+                      failed=failed + len(problems_here), skipped=skipped, changed=changed),
         stage_seconds=_stage_totals(outcomes), wall_s=round(wall_s, 2), stopped=stopped)
     save_run_record(out, record)
     pending = left_out = 0

@@ -21,7 +21,7 @@ from kneebatch.network.model import LoadedModel
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.outdir.claims import claim
 from kneebatch.outdir.key import subject_key
-from kneebatch.outdir.records import DoneRecord
+from kneebatch.outdir.records import DoneRecord, RegionRecord, parse_dataclass
 from kneebatch.report.qc_picture import qc_title, render_qc
 from kneebatch.results.subject_files import QC, State, remove_result, result_state, write_subject
 from kneebatch.runtime import SUBJECTS_IN_PROGRESS
@@ -53,7 +53,8 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         extra=dict(spec.extra),
         labels=str(spec.labels),
         bilateral=spec.bilateral,
-        regions={name: stats.to_dict() for name, stats in result.region_stats.items()},
+        regions={name: parse_dataclass(RegionRecord, stats.to_dict())
+                 for name, stats in result.region_stats.items()},
         spacing_mm=list(result.spacing_mm),
         shapes={r: list(s) for r, s in result.shapes.items()},
         boxes={r: [list(b) for b in box] for r, box in result.boxes.items()},

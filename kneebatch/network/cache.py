@@ -7,6 +7,7 @@ import functools
 import threading
 from pathlib import Path
 
+from kneebatch.config import ConvPadding, InputNorm
 from kneebatch.network.model import LoadedModel, load_model
 from kneebatch.network.modelfile import ModelInfo, our_model_info
 
@@ -39,14 +40,14 @@ def model_info(path: Path) -> ModelInfo:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(path: str, mtime_ns: int, input_norm: str, conv_padding: str) -> LoadedModel:
+def _cached(path: str, mtime_ns: int, input_norm: InputNorm, conv_padding: ConvPadding) -> LoadedModel:
     global _loads
     _loads += 1
     return load_model(Path(path), input_norm, conv_padding)
 
 
-def get_model(path: Path, input_norm: str = "imagenet",
-              conv_padding: str = "replicate") -> LoadedModel:
+def get_model(path: Path, input_norm: InputNorm = "imagenet",
+              conv_padding: ConvPadding = "replicate") -> LoadedModel:
     """The model of ``path`` for ``input_norm`` and ``conv_padding`` (see ``load_model``),
     loaded once per process and reused (reloaded if the file changes)."""
     with _load_lock:  # two subjects starting at once in one worker load the model once

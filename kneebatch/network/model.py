@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 from torchvision.models import DenseNet121_Weights
 
+from kneebatch.config import ConvPadding, InputNorm
 from kneebatch.errors import WeightsError
 from kneebatch.network.inflate import collapse_input_channels
 from kneebatch.network.lean import lean_forward, make_lean
@@ -43,7 +44,7 @@ def imagenet_mean_std() -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(transform.mean), tuple(transform.std)
 
 
-def grey_input(features: nn.Sequential, input_norm: str) -> nn.Sequential:
+def grey_input(features: nn.Sequential, input_norm: InputNorm) -> nn.Sequential:
     """Collapse conv0 of an inflated network to one grey channel (in place; see
     ``collapse_input_channels``): ``imagenet`` folds ImageNet's per-channel normalisation in
     exactly (input in [0, 1]), ``grey`` sums the kernels (input normalised with one grey mean/std).
@@ -56,17 +57,17 @@ def grey_input(features: nn.Sequential, input_norm: str) -> nn.Sequential:
     return features
 
 
-def set_conv_padding(features: nn.Sequential, mode: str) -> nn.Sequential:
+def set_conv_padding(features: nn.Sequential, mode: ConvPadding) -> nn.Sequential:
     """Pad every convolution after conv0 with ``mode`` (``replicate`` or ``zeros``; in place).
     conv0 keeps its zeros: with the ImageNet fold, that is air."""
     for name, module in features.named_modules():
         if isinstance(module, nn.Conv3d) and name != "conv0" and any(module.padding):
-            module.padding_mode = mode  # type: ignore[assignment]  # checked by the config
+            module.padding_mode = mode
     return features
 
 
-def load_model(path: Path, input_norm: str = "imagenet",
-               conv_padding: str = "replicate") -> LoadedModel:
+def load_model(path: Path, input_norm: InputNorm = "imagenet",
+               conv_padding: ConvPadding = "replicate") -> LoadedModel:
     """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked), conv0
     collapsed to one grey channel as ``input_norm`` says (see ``grey_input``), the convolutions
     after it padding with ``conv_padding``."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kneebatch.config import Precision
 from kneebatch.errors import ConfigError
 
 
@@ -52,7 +53,7 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def compute_dtype(precision: str) -> torch.dtype:
+def compute_dtype(precision: Precision) -> torch.dtype:
     """The torch dtype of ``--precision``.
 
     Raises:

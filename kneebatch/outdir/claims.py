@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kneebatch.outdir.folder import BOOKKEEPING, record_name
+from kneebatch.outdir.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +28,14 @@ CLAIMS_DIR = f"{BOOKKEEPING}/claims"
 
 
 @dataclasses.dataclass(frozen=True)
-class Holder:
-    """Who holds a claim."""
+class Holder(Record):
+    """Who holds a claim (the claim file's content)."""
 
     host: str
     pid: int
-    job_id: str
-    run_id: str
-    since: str
-
-    @classmethod
-    def read(cls, path: Path) -> Holder | None:
-        try:
-            data = json.loads(path.read_text())
-            return cls(str(data["host"]), int(data["pid"]), str(data.get("job_id", "")),
-                       str(data.get("run_id", "")), str(data.get("since", "")))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    job_id: str = ""
+    run_id: str = ""
+    since: str = ""
 
 
 def claim_path(out: Path, subject_id: str) -> Path:
@@ -88,11 +79,11 @@ def claim(out: Path, subject_id: str, run_id: str) -> Iterator[bool]:
         yield False
         return
     try:
-        holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "job_id": os.environ.get("SLURM_JOB_ID", ""), "run_id": run_id,
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        holder = Holder(host=socket.gethostname(), pid=os.getpid(),
+                        job_id=os.environ.get("SLURM_JOB_ID", ""), run_id=run_id,
+                        since=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.pwrite(fd, holder.to_json().encode(), 0)
         yield True
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -77,7 +77,8 @@ def _value(value: object) -> str:
 def _run(record: RunRecord) -> dict[str, object]:
     rows: dict[str, object] = {
         "run": record.run_id, "started": record.started, "ended": record.ended or "(running)",
-        "computed": ", ".join(f"{k} {v}" for k, v in record.counts.items()) or "-",
+        "computed": ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(record.counts).items())
+        if record.counts else "-",
         "command": " ".join(record.command) or "-", "host": record.host or "-"}
     if record.manifest:
         rows["manifest"] = f"{record.manifest} (sha256 {str(record.manifest_sha256)[:16]}...)"

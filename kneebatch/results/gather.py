@@ -40,7 +40,7 @@ from kneebatch.outdir.folder import (
     run_records,
     unwritable,
 )
-from kneebatch.outdir.records import DoneRecord, FailureRecord, RunRecord
+from kneebatch.outdir.records import Counts, DoneRecord, FailureRecord, ParquetSummary, RunRecord
 from kneebatch.results.subject_files import (
     DamagedResult,
     read_done,
@@ -77,11 +77,11 @@ class GatherResult:
     kept_previous: bool = False
     extra_types: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> ParquetSummary:
         """What ``run.json`` records of the Parquet."""
-        return {"subjects": self.subjects, "failures": self.failures, "pending": len(self.pending),
-                "left_out_folders": self.left_out, "kept_previous": self.kept_previous,
-                "extra_types": self.extra_types}
+        return ParquetSummary(subjects=self.subjects, failures=self.failures,
+                              pending=len(self.pending), left_out_folders=self.left_out,
+                              kept_previous=self.kept_previous, extra_types=self.extra_types)
 
 
 @dataclasses.dataclass
@@ -175,7 +175,8 @@ def _rows(done: DoneRecord, rows: list[SimilarityRow], vectors: dict[str, np.nda
         feats.append({"subject_id": done.subject_id, "region": region, "layer": layer,
                       "dim": int(vector.shape[0]), "vector": np.asarray(vector, np.float32),
                       **prov})
-    regions = [{"subject_id": done.subject_id, "region": region, **stats, **extras, **prov}
+    regions = [{"subject_id": done.subject_id, "region": region, **dataclasses.asdict(stats),
+                **extras, **prov}
                for region, stats in done.regions.items()]
     return {"similarities": sims, "features": feats, "regions": regions}
 
@@ -255,10 +256,7 @@ def _over_shards(out: Path, record: RunRecord) -> RunRecord:
                 other.config_hash, other.model_sha256, other.manifest_sha256) == (
                 record.config_hash, record.model_sha256, record.manifest_sha256):
             latest[other.shard] = other
-    totals: dict[str, int] = {}
-    for shard_record in latest.values():
-        for key, value in shard_record.counts.items():
-            totals[key] = totals.get(key, 0) + value
+    totals = sum((r.counts for r in latest.values() if r.counts), Counts())
     return dataclasses.replace(record, counts=totals,
                                shards=[r.run_id for _, r in sorted(latest.items())])
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,8 +27,15 @@ from kneebatch.outdir.folder import (
     open_out,
     unwritable,
 )
-from kneebatch.outdir.records import FAILURE_COLUMNS, RunRecord, SettingsRecord
-from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION
+from kneebatch.outdir.records import (
+    FAILURE_COLUMNS,
+    Counts,
+    MergedRecord,
+    ParquetSummary,
+    RunRecord,
+    SettingsRecord,
+)
+from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION, read_metadata, write_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +54,7 @@ class MergeResult:
 def _schema_version(out: Path) -> int:
     try:
         meta = pq.read_schema(out / "similarities" / PART).metadata or {}
-        return int(json.loads(meta.get(b"kneebatch", b"{}")).get("schema_version", 1))
+        return read_metadata(meta).schema_version
     except (OSError, ValueError, pa.ArrowException):
         return 0
 
@@ -93,9 +99,9 @@ def _dataset(sources: list[Path], name: str) -> pa.Table:
     except pa.ArrowInvalid as exc:
         raise ConfigError(f"Cannot merge the {name} datasets: their columns do not fit together "
                           f"({exc}). Are the manifests' extra columns of different types?") from exc
-    meta = json.loads((tables[0].schema.metadata or {}).get(b"kneebatch", b"{}"))
-    meta["merged_from"] = [str(out) for out in sources]
-    return table.replace_schema_metadata({b"kneebatch": json.dumps(meta, sort_keys=True).encode()})
+    meta = read_metadata(tables[0].schema.metadata)
+    merged = dataclasses.replace(meta, merged_from=[str(out) for out in sources])
+    return table.replace_schema_metadata(write_metadata(merged))
 
 
 def _failures(sources: list[Path]) -> tuple[str, int]:
@@ -143,19 +149,16 @@ def merge_runs(sources: list[Path], target: Path) -> MergeResult:
         write_text_atomic(target / "failures.csv", failures)
         records = [RunRecord.read(out / "run.json") for out in sources]
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        counts: dict[str, int] = {}
-        for record in records:
-            for key, value in (record.counts if record else {}).items():
-                counts[key] = counts.get(key, 0) + value
+        counts = sum((r.counts for r in records if r and r.counts), Counts())
         summary = RunRecord(
             run_id=run_id,
             started=now, ended=now, config_hash=settings.config_hash, config=settings.config,
             model_sha256=settings.model_sha256, weights=settings.weights,
             shards=[r.run_id for r in records if r], counts=counts,
-            parquet={"subjects": count, "failures": failed},
+            parquet=ParquetSummary(subjects=count, failures=failed),
             schema_version=SCHEMA_VERSION, sources=[str(out) for out in sources])
         write_text_atomic(target / "run.json", summary.to_json())
-        write_text_atomic(target / MERGED, json.dumps({"sources": summary.sources}) + "\n")
+        write_text_atomic(target / MERGED, MergedRecord(summary.sources).to_json())
     except OSError as exc:
         raise unwritable(target, exc) from exc
     return MergeResult(count, failed, tuple(summary.sources))

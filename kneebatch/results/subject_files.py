@@ -23,7 +23,7 @@ import numpy as np
 from kneebatch.errors import OutputError
 from kneebatch.extract.similarity import SimilarityRow
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
-from kneebatch.outdir.records import DoneRecord
+from kneebatch.outdir.records import DoneRecord, FileEntry
 
 FEATURES = "features.npz"
 SIMILARITIES = "similarities.csv"
@@ -106,7 +106,7 @@ def write_subject(out: Path, subject_id: str, vectors: dict[str, dict[str, np.nd
         timings = {**done.timings_s, "write": now - write_start, "total": now - started}
         done = dataclasses.replace(
             done, timings_s={k: round(v, 4) for k, v in timings.items()},
-            files={name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            files={name: FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
                    for name, data in payload.items()})
         write_text_atomic(folder / DONE, done.to_json())
     except OSError as exc:
