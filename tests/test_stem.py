@@ -105,6 +105,16 @@ def test_the_fast_path_runs_and_gives_the_plain_numbers(
         np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
 
 
+def test_batchnorm_is_folded_once_at_load_not_in_every_forward(network: torch.nn.Sequential) -> None:
+    folds = lean.folds_computed()
+    volume = np.random.default_rng(4).random(size=(34, 36, 38)).astype(np.float32)
+    for _ in range(2):
+        extract_features(network, volume, LAYERS, ForwardOptions())
+    assert lean.folds_computed() == folds  # the fast path used the folds make_lean made
+    assert hasattr(network.norm0, "folded_weight")
+    assert not any("folded" in key for key in network.state_dict())  # model files unchanged
+
+
 def test_the_cached_model_is_never_changed_by_a_forward(network: torch.nn.Sequential) -> None:
     network = network.to(memory_format=CL)
     before = {k: (v.clone(), v.stride()) for k, v in network.state_dict().items()}

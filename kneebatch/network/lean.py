@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models.densenet import _DenseBlock, _Transition
 
 SLAB_BYTES = 64 * 1024**2
@@ -42,18 +43,42 @@ def lean_forward(on: bool, memory_format: torch.memory_format = torch.channels_l
         _LAYOUT.reset(tokens[1])
 
 
-def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``norm(conv(x))`` as one convolution (eval mode: BatchNorm is an affine
-    map per channel). Saves a pass over the convolution's whole output."""
+_FOLDS = 0  # foldings computed in this process (tests: none during a loaded model's forward)
+
+
+def _fold(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    global _FOLDS
+    _FOLDS += 1
     assert norm.running_var is not None and norm.running_mean is not None
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+    fused = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                 norm.eps, norm.weight, norm.bias)
+    weight, bias = fused[0].detach(), fused[1].detach()
     if conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
         weight = weight.contiguous(memory_format=torch.channels_last_3d)
-    bias = norm.bias - norm.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
     return weight, bias
+
+
+def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` as one convolution (eval mode: BatchNorm is an affine
+    map per channel), which saves a pass over the convolution's whole output. ``make_lean``
+    folds each pair once, at load (``fold_once``); a network it did not prepare is folded here."""
+    folded = getattr(norm, "folded_weight", None), getattr(norm, "folded_bias", None)
+    if isinstance(folded[0], torch.Tensor) and isinstance(folded[1], torch.Tensor):
+        return folded[0], folded[1]
+    return _fold(conv, norm)
+
+
+def fold_once(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> None:
+    """Fold ``norm`` into ``conv`` now and keep the result on ``norm`` as buffers (not in the
+    state dict; they follow ``.to()`` of the network, memory format and dtype included)."""
+    weight, bias = _fold(conv, norm)
+    norm.register_buffer("folded_weight", weight, persistent=False)
+    norm.register_buffer("folded_bias", bias, persistent=False)
+
+
+def folds_computed() -> int:
+    """How many conv + BatchNorm pairs this process has folded."""
+    return _FOLDS
 
 
 def _slabs(depth: int, row_bytes: int) -> list[tuple[int, int]]:
@@ -125,10 +150,18 @@ class LeanTransition(_Transition):
 
 def make_lean(features: nn.Module) -> nn.Module:
     """Give DenseNet's blocks and transitions of ``features`` their lean forward (in place; same
-    weights and hooks)."""
+    weights and hooks) and fold the BatchNorms the fast path folds (the stem's norm0 into conv0,
+    each dense layer's norm2 into its conv1) once, here."""
     for module in features.modules():
         if type(module) is _DenseBlock:
             module.__class__ = LeanDenseBlock
+            for layer in module.children():
+                conv1, norm2 = layer.get_submodule("conv1"), layer.get_submodule("norm2")
+                assert isinstance(conv1, nn.Conv3d) and isinstance(norm2, nn.BatchNorm3d)
+                fold_once(conv1, norm2)
         elif type(module) is _Transition:
             module.__class__ = LeanTransition
+    conv0, norm0 = getattr(features, "conv0", None), getattr(features, "norm0", None)
+    if isinstance(conv0, nn.Conv3d) and isinstance(norm0, nn.BatchNorm3d):
+        fold_once(conv0, norm0)
     return features
