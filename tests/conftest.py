@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,16 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def knee(tmp_path: Path) -> tuple[Path, Path]:
     return write_knee(tmp_path / "in")
+
+
+@pytest.fixture(scope="session")
+def shared_scheduler() -> Iterator[str]:
+    """The address of one dask cluster for the whole session (one worker, two subject slots, as
+    `kneebatch run`'s local cluster): tests of OUT's bookkeeping join it with
+    ``--scheduler-address`` instead of starting a cluster, its workers and the model every run.
+    Tests of the local cluster itself, of signals and of killed processes start their own."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address=None, resources={"subject": 2}) as cluster:
+        yield cluster.scheduler_address

@@ -34,8 +34,10 @@ def command(manifest: Path, out: Path, model: Path, *extra: str) -> list[str]:
             "--model", str(model), *FAST, *extra]
 
 
-def run(manifest: Path, out: Path, model: Path, *extra: str) -> int:
-    return helpers.run(manifest, out, model, *FAST, *extra)
+def run(manifest: Path, out: Path, model: Path, *extra: str, scheduler: str | None = None) -> int:
+    """In-process ``kneebatch run``; joining ``scheduler`` where the cluster is not what is tested."""
+    joined = ("--scheduler-address", scheduler) if scheduler else ()
+    return helpers.run(manifest, out, model, *FAST, *joined, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(cohort: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished(cohort: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory,
+             shared_scheduler: str) -> Path:
     out = tmp_path_factory.mktemp("ops-out") / "out"
-    assert run(cohort, out, model_path) == 0
+    assert run(cohort, out, model_path, scheduler=shared_scheduler) == 0
     return out
 
 
@@ -302,7 +305,7 @@ def test_run_json_records_where_and_how_each_run_ran(
 
 
 def test_a_subject_warning_reaches_done_json_and_the_parquet(
-        cohort: Path, model_path: Path, tmp_path: Path) -> None:
+        cohort: Path, model_path: Path, tmp_path: Path, shared_scheduler: str) -> None:
     mask = sitk.ReadImage(str(cohort.parent / "knee002_mask.nii.gz"))
     array = sitk.GetArrayFromImage(mask)
     array[0, 0, :4] = 7
@@ -313,7 +316,7 @@ def test_a_subject_warning_reaches_done_json_and_the_parquet(
     manifest.write_text(f"subject_id,ct,mask\nodd,{cohort.parent}/knee002_ct.nii.gz,"
                         f"{tmp_path}/odd_mask.nii.gz\n")
     out = tmp_path / "out"
-    assert run(manifest, out, model_path) == 0
+    assert run(manifest, out, model_path, scheduler=shared_scheduler) == 0
     done = json.loads((out / "subjects" / "odd" / "done.json").read_text())
     assert len(done["warnings"]) == 1 and "holds labels 7 besides 0" in done["warnings"][0]
     rows = pd.read_parquet(out / "similarities")
