@@ -37,5 +37,7 @@ def shared_scheduler() -> Iterator[str]:
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-                      dashboard_address=None, resources={"subject": 2}) as cluster:
+                      resources={"subject": 2}, worker_dashboard_address="127.0.0.1:0",
+                      scheduler_kwargs={"dashboard": False,
+                                        "dashboard_address": "127.0.0.1:0"}) as cluster:
         yield cluster.scheduler_address
