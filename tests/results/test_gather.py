@@ -11,7 +11,7 @@ import pytest
 
 from kneebatch.results.gather import gather_run
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gather.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gather.py"
 
 
 def _helper():  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import make_phantom
 
-from .helpers import write_dicom_series
+from ..helpers import write_dicom_series
 
 SHAPE, SPACING = (40, 48, 48), (1.2, 1.0, 1.0)
 MEMORY = "3GB"  # per worker; the "too big" CT is predicted to need more

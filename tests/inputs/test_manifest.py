@@ -68,7 +68,7 @@ def test_an_empty_manifest_is_an_error(tmp_path: Path) -> None:
 def test_the_committed_sample_manifest_lists_what_sample_writes(tmp_path: Path) -> None:
     from kneebatch.inputs.phantom import write_sample
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     committed = read_manifest(repo / "manifests" / "sample.csv")
     written = read_manifest(write_sample(tmp_path / "sample", 4, size="small"))
     assert [(s.subject_id, s.ct.name, s.mask.name, s.side, s.extra) for s in committed] == [

@@ -16,7 +16,7 @@ from kneebatch.config import ExtractionConfig
 from kneebatch.network.cache import get_model
 from kneebatch.results.subject_files import read_features, read_similarities
 
-from .helpers import SMALL_SHAPE
+from ..helpers import SMALL_SHAPE
 
 
 def _extract(knee: tuple[Path, Path], out: Path, model: Path, *extra: str) -> int:

@@ -24,7 +24,7 @@ from kneebatch.cli.main import main
 from kneebatch.cohort.run import shard
 from kneebatch.inputs.manifest import read_manifest
 
-from .helpers import assert_same_results, features, make_cohort, run
+from ..helpers import assert_same_results, features, make_cohort, run
 
 GOOD = ["knee001", "knee002", "knee003", "knee004"]
 
@@ -126,7 +126,7 @@ def test_feature_matrix_and_export_wide(first_run: Path, tmp_path: Path) -> None
 
 def test_readme_queries_run_as_written(first_run: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Querying results", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None

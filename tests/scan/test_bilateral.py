@@ -15,7 +15,7 @@ from kneebatch.inputs.manifest import read_manifest
 from kneebatch.inputs.phantom import make_bilateral_phantom
 from kneebatch.results.subject_files import read_features
 
-from .helpers import SMALL_SHAPE, SMALL_SPACING, write_knee
+from ..helpers import SMALL_SHAPE, SMALL_SPACING, write_knee
 
 
 def _write_bilateral(folder: Path, seed: int = 3) -> tuple[Path, Path]:

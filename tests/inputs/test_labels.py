@@ -15,7 +15,7 @@ from kneebatch.errors import ConfigError
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.results.subject_files import read_features
 
-from .helpers import write_knee
+from ..helpers import write_knee
 
 
 def _relabel(mask: Path, target: Path, mapping: dict[int, int], pixel: int = sitk.sitkInt16) -> Path:

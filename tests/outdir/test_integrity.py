@@ -21,8 +21,8 @@ import SimpleITK as sitk
 from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
 
-from . import helpers
-from .helpers import done, edit_manifest, features
+from .. import helpers
+from ..helpers import done, edit_manifest, features
 
 FAST = helpers.BOOKKEEPING_RUN
 

@@ -15,7 +15,7 @@ from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.inputs.phantom import make_phantom
 from kneebatch.scan.read import load_scan
 
-from .helpers import SMALL_SHAPE, SMALL_SPACING, write_dicom_series
+from ..helpers import SMALL_SHAPE, SMALL_SPACING, write_dicom_series
 
 CONFIG = ExtractionConfig()
 

@@ -17,11 +17,11 @@ from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
 from kneebatch.network.cache import get_model
 
-from .helpers import assert_same_results
-from .slurm import start_slurm
+from ..helpers import assert_same_results
+from ..slurm import start_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 ATOL = 1e-5  # thread counts differ between layouts: float32 summation order only
 RTOL = 1e-5  # float32 rounding of feature values up to about 10
 

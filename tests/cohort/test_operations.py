@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from kneebatch.cli.main import main
 from kneebatch.inputs.phantom import write_sample
 
-from . import helpers
+from .. import helpers
 
 FAST = helpers.BOOKKEEPING_RUN
 OUR_LINE = re.compile(r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: |progress: |"
