@@ -20,6 +20,7 @@ from kneebatch.network.source import WeightsSource
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.folder import run_records
 from kneebatch.outdir.records import RunRecord
+from kneebatch.report.page import Figure, ReportContent, render
 from kneebatch.schema import result_columns
 
 HEATMAP_MAX = 500
@@ -248,9 +249,7 @@ def write_cohort_report(out: Path, by: str | None = None) -> Path:
     Raises:
         ConfigError: ``by`` is not a column, or has too many values.
     """
-    import matplotlib
-
-    from kneebatch.report.page import Figure, ReportContent, render
+    import matplotlib  # a plotting backend is chosen only when a report is drawn
 
     matplotlib.use("Agg")
     folder = out / "report"
