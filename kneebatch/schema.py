@@ -56,8 +56,8 @@ def schemas(extra_types: dict[str, str], provenance: dict[str, Any]) -> dict[str
         provenance: written into each schema's metadata, with the schema version and the extras'
             types.
     """
-    meta = {METADATA_KEY: json.dumps({**provenance, "schema_version": SCHEMA_VERSION,
-                                      "extra_types": extra_types}, sort_keys=True).encode()}
+    meta = write_metadata(parse_dataclass(ParquetMetadata, {
+        **provenance, "schema_version": SCHEMA_VERSION, "extra_types": extra_types}))
     extras = [(c, EXTRA_TYPES[kind]) for c, kind in extra_types.items()]
     return {name: pa.schema([*_FIXED[name], *(extras if name in _HAS_EXTRAS else []),
                              *_AFTER_EXTRAS[name], *_PROV], metadata=meta)

@@ -21,8 +21,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-
-
 @pytest.fixture
 def knee(tmp_path: Path) -> tuple[Path, Path]:
     return write_knee(tmp_path / "in")

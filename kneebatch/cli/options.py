@@ -14,6 +14,7 @@ from kneebatch.config import (
     INPUT_NORMS,
     LAYERS,
     POOLINGS,
+    PRECISIONS,
     CropMode,
     ExtractionConfig,
 )
@@ -66,7 +67,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resample-mask", action="store_true",
                        help="put a mask on another grid onto the CT grid (nearest neighbour) "
                             "instead of failing the subject")
-    group.add_argument("--precision", choices=["float32", "bf16"], default=None,
+    group.add_argument("--precision", choices=list(PRECISIONS), default=None,
                        help="forward pass in float32 (default) or bfloat16 (CPUs with "
                             "AVX512-BF16/AMX; pooling and cosines stay float32)")
 

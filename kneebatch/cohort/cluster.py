@@ -81,9 +81,11 @@ def _site(key: str) -> Any:
 def _resolve(opts: SlurmOptions) -> SlurmOptions:
     """The options with every unset job size taken from the site's configuration, else ours: an
     option given on the command line wins, then ``jobqueue.slurm.*``, then ``DEFAULTS``."""
-    sizes = {key: getattr(opts, key) if getattr(opts, key) is not None
-             else _site(key) if _site(key) is not None else default
-             for key, default in DEFAULTS.items()}
+    sizes = {}
+    for key, default in DEFAULTS.items():
+        given = getattr(opts, key)
+        site = _site(key) if given is None else None
+        sizes[key] = given if given is not None else site if site is not None else default
     return dataclasses.replace(opts, **sizes)
 
 

@@ -49,7 +49,6 @@ from kneebatch.scan.files import READ_TIMEOUT_S
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """What a cohort run computes and how; recorded in run.json (``options``).
@@ -133,15 +132,15 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
     return specs[index::count]
 
 
-def _run_one(spec: SubjectSpec, config: ExtractionConfig, model_path: Path, out: Path,
-             threads: int, qc: bool, run_id: str, overwrite: bool,
-             read_timeout_s: float, forward: ForwardOptions) -> SubjectOutcome:
+def _run_one(spec: SubjectSpec, options: RunOptions, model_path: Path, out: Path, run_id: str,
+             threads: int) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit
-    return process_subject(spec, config, model_path, out, run_id=run_id,
-                           memory_limit_bytes=limit or None, qc=qc, overwrite=overwrite,
-                           read_timeout_s=read_timeout_s, options=forward)
+    return process_subject(spec, options.config, model_path, out, run_id=run_id,
+                           memory_limit_bytes=limit or None, qc=options.qc,
+                           overwrite=options.overwrite, read_timeout_s=options.read_timeout_s,
+                           options=options.forward)
 
 
 def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
@@ -211,7 +210,6 @@ def run_cohort(
     if config is not None:
         options = dataclasses.replace(options, config=config)
     config, labels, part, overwrite = options.config, options.labels, options.part, options.overwrite
-
     out, model_path = Path(out), Path(model_path)
     problems = list(manifest_problems or [])
     if isinstance(manifest, list):
@@ -270,10 +268,8 @@ def run_cohort(
     outcomes: list[SubjectOutcome] = []
     stopped = False
     if todo:
-        task = functools.partial(_run_one, config=config, model_path=model_path.resolve(),
-                                 out=out.resolve(), qc=options.qc, run_id=run_id,
-                                 overwrite=overwrite, read_timeout_s=options.read_timeout_s,
-                                 forward=options.forward)
+        task = functools.partial(_run_one, options=options, model_path=model_path.resolve(),
+                                 out=out.resolve(), run_id=run_id)
 
         def run_on(connection: Connection) -> bool:
             return consume(connection, todo, task, out=out, run_id=run_id, subjects=list(keys),
@@ -302,9 +298,3 @@ def run_cohort(
         pending, left_out = len(result.pending), result.left_out
     return RunSummary(run_id, len(mine) + len(problems_here), ok, failed + len(problems_here), skipped,
                       wall_s, out, stopped, changed, pending, left_out)
-
-
-
-
-
-

@@ -165,5 +165,3 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
     prepared = prepare_subject(spec, config, stage=track,
                                read_timeout_s=read_timeout_s)
     return forward_subject(spec, prepared, config, model, stage=track, options=options)
-
-

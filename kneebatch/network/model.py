@@ -108,5 +108,3 @@ def check_lean(network: nn.Module, path: Path) -> None:
             f"Model {path}: the lean forward differs from torchvision's by {error:.3g} (of "
             f"{scale:.3g}) with torchvision {torchvision.__version__}. Run with --plain-forward "
             "and report this.")
-
-

@@ -53,13 +53,9 @@ def architecture() -> nn.Sequential:
     return features.eval()
 
 
-
-
-
 def sidecar_path(path: Path) -> Path:
     """The JSON beside a model file."""
     return path.with_suffix(".json")
-
 
 
 def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo:
@@ -84,7 +80,6 @@ def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo
     os.replace(tmp, path)
     os.replace(side_tmp, side)
     return info
-
 
 
 def read_model_info(path: Path) -> ModelInfo:
@@ -121,13 +116,11 @@ def read_model_info(path: Path) -> ModelInfo:
     return info
 
 
-
 def not_ours(path: Path, why: str) -> WeightsError:
     return WeightsError(
         f"Model file {path} is not a kneebatch {ARCHITECTURE} state dict ({why}). A torchvision "
         "2D checkpoint must be inflated first: `kneebatch build-model --weights FILE --out "
         "model3d_state_dict.pth`.")
-
 
 
 def our_model_info(path: Path) -> ModelInfo:
@@ -139,7 +132,6 @@ def our_model_info(path: Path) -> ModelInfo:
             f"normalisation can be folded in exactly). Rebuild it once: `kneebatch build-model "
             f"--weights {info.source.option} --out {path}`.")
     return info
-
 
 
 def check_model_file(path: Path) -> ModelInfo:

@@ -54,5 +54,4 @@ class WeightsSource:
         return cls("file", name=name if kind == "file" else text, sha256=digest)
 
 
-
 IMAGENET = WeightsSource("imagenet", name="IMAGENET1K_V1")

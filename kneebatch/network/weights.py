@@ -28,10 +28,6 @@ _OLD_KEYS = re.compile(
 )
 
 
-
-
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 1 MB chunks."""
     digest = hashlib.sha256()
@@ -47,7 +43,6 @@ def _rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         match = _OLD_KEYS.match(key)
         renamed[match.group(1) + match.group(2) if match else key] = value
     return renamed
-
 
 
 def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
@@ -95,7 +90,6 @@ def _load_2d(weights: str, seed: int) -> tuple[nn.Module, str]:
                 "expected %s...): recorded as a file of its own, not as 'imagenet'", path,
                 sha256[:8], published_imagenet_prefix())
     return net, str(WeightsSource("file", name=path.name, sha256=sha256[:16]))
-
 
 
 def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequential, str]:

@@ -25,12 +25,10 @@ def atomic(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
             tmp.unlink()
 
 
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder."""
     with atomic(path, "w") as fh:
         fh.write(text)
-
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -103,7 +103,7 @@ def holder(out: Path, subject_id: str) -> Holder | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return Holder.read(path) or Holder("?", 0, "", "", "")
+        return Holder.read(path) or Holder("?", 0)
     except OSError:
         return Holder.read(path)
     else:

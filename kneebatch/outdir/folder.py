@@ -25,6 +25,7 @@ from kneebatch.schema import DATASETS
 BOOKKEEPING = ".kneebatch"
 SETTINGS = f"{BOOKKEEPING}/settings.json"
 MANIFEST = f"{BOOKKEEPING}/manifest.json"
+MERGED = f"{BOOKKEEPING}/merged.json"  # written by `kneebatch merge`
 RUNS_DIR = f"{BOOKKEEPING}/runs"  # one JSON per run (or array shard); run.json is the latest
 # Everything kneebatch may put at the top of OUT.
 OURS = frozenset({BOOKKEEPING, "subjects", *DATASETS, "run.json", "failures.csv", "report"})
@@ -186,14 +187,10 @@ def gather_lock(out: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-MERGED = f"{BOOKKEEPING}/merged.json"
-
-
 
 def is_merged(out: Path) -> bool:
     """Whether OUT was written by ``kneebatch merge``."""
     return (out / MERGED).is_file()
-
 
 
 def check_not_merged(out: Path, command: str) -> None:
@@ -208,7 +205,7 @@ def check_not_merged(out: Path, command: str) -> None:
                           "'sources'), then repeat the merge.")
 
 
-def new_run_id(kind: str = "") -> str:
+def _new_run_id(kind: str = "") -> str:
     """A run id: UTC time and a random suffix, prefixed by ``kind`` (``extract``, ``merge``)."""
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     return f"{kind}-{stamp}" if kind else stamp
@@ -232,4 +229,4 @@ def open_out(out: Path, settings: SettingsRecord, *,
     else:
         check_not_merged(out, command)
     check_settings(out, settings, overwrite=overwrite)
-    return new_run_id("" if command == "run" else command)
+    return _new_run_id("" if command == "run" else command)

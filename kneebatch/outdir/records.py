@@ -170,10 +170,6 @@ class DoneRecord(Record):
     forward: dict[str, bool] = dataclasses.field(default_factory=dict)
     finished_at: str = ""
 
-    def file_entry(self, name: str) -> FileEntry | None:
-        """The recorded size and sha256 of result file ``name``."""
-        return self.files.get(name)
-
 
 @dataclasses.dataclass(frozen=True)
 class FailureRecord(Record):

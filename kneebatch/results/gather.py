@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from kneebatch.extract.similarity import SimilarityRow
 from kneebatch.inputs.extras import convert, infer_types
 from kneebatch.inputs.labels import LabelMap
+from kneebatch.outdir.atomic import write_text_atomic
 from kneebatch.outdir.failures import current_failures, write_failures_csv
 from kneebatch.outdir.folder import (
     OLD_DEBRIS,
@@ -46,12 +47,10 @@ from kneebatch.results.subject_files import (
     read_done,
     read_result,
     subject_dir,
-    write_text_atomic,
 )
 from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION, schemas
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,10 +47,6 @@ class MergeResult:
     sources: tuple[str, ...]
 
 
-
-
-
-
 def _schema_version(out: Path) -> int:
     try:
         meta = pq.read_schema(out / "similarities" / PART).metadata or {}

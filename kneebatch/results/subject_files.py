@@ -1,4 +1,4 @@
-"""Results, one subject: write's outputs atomically; tell finished subjects from the rest.
+"""Results, one subject: write its outputs atomically; tell finished subjects from the rest.
 
 Layout (a contract, see DESIGN.md): ``OUT/subjects/<id>/features.npz``, ``similarities.csv`` and
 ``done.json``, written last. Each file goes to a temporary name in the same folder and is renamed into
@@ -47,12 +47,6 @@ def subject_dir(out: Path, subject_id: str) -> Path:
         raise OutputError(f"{base} is a symlink; kneebatch writes only inside OUT. Make it a real "
                           "folder or choose another --out.")
     return path
-
-
-
-
-
-
 
 
 def _similarities_csv(rows: list[SimilarityRow]) -> str:
@@ -163,7 +157,7 @@ def _checked_bytes(folder: Path, name: str, done: DoneRecord) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise DamagedResult(path, f"cannot be read ({exc.strerror or exc})") from exc
-    entry = done.file_entry(name)
+    entry = done.files.get(name)
     if entry is None or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise DamagedResult(path, "differs from what done.json recorded (truncated or edited)")
     return data

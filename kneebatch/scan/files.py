@@ -34,7 +34,6 @@ def _gzip_trailer_size(path: Path) -> int:
         return int.from_bytes(fh.read(4), "little")
 
 
-
 def _nifti_data(path: Path, offset: int) -> tuple[bytes, str] | None:
     """The voxel bytes of a NIfTI file and their byte order (None if the gzip stream is damaged)."""
     try:
@@ -45,7 +44,6 @@ def _nifti_data(path: Path, offset: int) -> tuple[bytes, str] | None:
             return fh.read(), "<" if header_size in (348, 540) else ">"
     except (OSError, EOFError, zlib.error):
         return None
-
 
 
 def _check_nifti(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -> None:
@@ -89,7 +87,6 @@ def _check_nifti(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool)
                         "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
 
 
-
 def check_file(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -> None:
     """What can be told before SimpleITK reads: the path exists, is not empty, is a whole NIfTI."""
     if not path.exists():
@@ -105,7 +102,6 @@ def check_file(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -
         _check_nifti(spec, role, path, scan_values=scan_values)
 
 
-
 def check_volume(spec: SubjectSpec, role: str, path: Path, size: tuple[int, ...],
                   components: int) -> None:
     """A 3D volume of at least 2 voxels per axis, one value per voxel."""
@@ -115,7 +111,6 @@ def check_volume(spec: SubjectSpec, role: str, path: Path, size: tuple[int, ...]
     if components != 1:
         raise input_error(spec, role, path, f"has {components} components per voxel",
                     "Give a scalar (grey-value) image, not RGB or vector data.")
-
 
 
 def timed(fn: Any, spec: SubjectSpec, role: str, path: Path, timeout_s: float) -> Any:

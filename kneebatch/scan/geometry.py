@@ -30,18 +30,15 @@ class Header:
     pixel: str
 
 
-
 def header_of(image: sitk.Image) -> Header:
     return Header(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
                   image.GetPixelIDTypeAsString())
-
 
 
 def _describe(h: Header) -> str:
     return (f"size={h.size} spacing={tuple(round(s, 5) for s in h.spacing)} "
             f"origin={tuple(round(o, 4) for o in h.origin)} "
             f"direction={tuple(round(d, 4) for d in h.direction)}")
-
 
 
 def same_grid(ct: Header, mask: Header) -> bool:
@@ -53,7 +50,6 @@ def same_grid(ct: Header, mask: Header) -> bool:
     )
 
 
-
 def mismatch(spec: SubjectSpec, ct: Header, mask: Header) -> GeometryError:
     return GeometryError(
         f"Subject {spec.subject_id}: mask {spec.mask} is not on the CT's voxel grid "
@@ -62,7 +58,6 @@ def mismatch(spec: SubjectSpec, ct: Header, mask: Header) -> GeometryError:
         "Fix the mask's header, or pass --resample-mask to put the mask on the CT grid "
         "(nearest neighbour)."
     )
-
 
 
 def match_mask_grid(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image, resample: bool) -> sitk.Image:

@@ -26,7 +26,6 @@ def read_header(spec: SubjectSpec, role: str, path: Path,
     return timed(_read_header, spec, role, path, timeout_s)
 
 
-
 def _read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
     check_file(spec, role, path, scan_values=False)
     reader = sitk.ImageFileReader()
@@ -49,7 +48,6 @@ def _read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
     check_volume(spec, role, path, size, reader.GetNumberOfComponents())
     return Header(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
                   sitk.GetPixelIDValueAsString(reader.GetPixelID()))
-
 
 
 def check_headers(spec: SubjectSpec, config: ExtractionConfig,

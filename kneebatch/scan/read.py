@@ -26,7 +26,6 @@ from kneebatch.scan.orient import axis_aligned
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Scan:
     """A CT and mask on one grid, canonical orientation.
@@ -53,10 +52,6 @@ class Scan:
     labels: LabelMap = dataclasses.field(default_factory=LabelMap)
 
 
-
-
-
-
 def read_dicom_folder(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(path))
@@ -69,18 +64,6 @@ def read_dicom_folder(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
                     "one to use in the manifest.")
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
     return reader.Execute()
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def read_image(spec: SubjectSpec, role: str, path: Path,
@@ -110,16 +93,6 @@ def _read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
                     "export it again.") from exc
     check_volume(spec, role, path, image.GetSize(), image.GetNumberOfComponentsPerPixel())
     return image
-
-
-
-
-
-
-
-
-
-
 
 
 def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
@@ -153,8 +126,6 @@ def read_mask(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S
         values = np.round(np.nan_to_num(values)).astype(np.int64)
     sx, sy, sz = image.GetSpacing()
     return values, (sz, sy, sx)
-
-
 
 
 def load_scan(spec: SubjectSpec, config: ExtractionConfig,
@@ -198,9 +169,3 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
         labels = np.ascontiguousarray(labels[:, :, ::-1])
     return Scan(spec.subject_id, ct_hu, labels, (sz, sy, sx), spec.side, orientation,
                 tuple(warnings), spec.labels)
-
-
-
-
-
-

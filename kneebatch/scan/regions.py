@@ -122,8 +122,6 @@ def _bbox(found: np.ndarray, margin: tuple[int, ...]) -> Box:
     return tuple(box)
 
 
-
-
 def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
     missing = [max(0, min_size - n) for n in volume.shape]
     if not any(missing):

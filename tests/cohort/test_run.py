@@ -29,14 +29,6 @@ from ..helpers import assert_same_results, features, make_cohort, run
 GOOD = ["knee001", "knee002", "knee003", "knee004"]
 
 
-
-
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cohort(tmp_path_factory.mktemp("cohort"))

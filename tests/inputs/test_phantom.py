@@ -57,4 +57,3 @@ def test_the_phantom_has_the_grid_it_was_asked_for() -> None:
     for image in (ct, mask):
         assert image.GetSize() == (48, 64, 40)  # SimpleITK: (x, y, z)
         assert image.GetSpacing() == pytest.approx((0.5, 0.8, 1.2))
-

@@ -54,10 +54,6 @@ def sims(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "similarities")
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def shared_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three small knees whose files no test changes (tests edit copies of the manifest)."""

@@ -29,8 +29,6 @@ def _spec(ct: Path, mask: Path, side: str | None = None) -> SubjectSpec:
     return SubjectSpec("s1", ct, mask, side)
 
 
-
-
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".nrrd", ".mha", "dicom"],
                          ids=["nii", "nii.gz", "nrrd", "mha", "dicom-folder-with-spaces"])
 def test_every_format_gives_the_same_scan(tmp_path: Path, ext: str) -> None:
