@@ -27,7 +27,7 @@ def make_finished_out(out: Path, subjects: int, seed: int = 0) -> None:
     from kneebatch.config import DEFAULT_LAYERS, ExtractionConfig
     from kneebatch.extract.similarity import similarities
     from kneebatch.outdir.folder import check_settings, claim_out, save_manifest
-    from kneebatch.outdir.records import DoneRecord, ManifestRecord, SettingsRecord
+    from kneebatch.outdir.records import DoneRecord, ManifestRecord, RegionRecord, SettingsRecord
     from kneebatch.results.subject_files import write_subject
 
     config = ExtractionConfig()
@@ -44,7 +44,9 @@ def make_finished_out(out: Path, subjects: int, seed: int = 0) -> None:
         keys[sid] = f"{i:032x}"
         done = DoneRecord(subject_id=sid, key=keys[sid], config_hash=config.hash(),
                           model_sha256="0" * 64, weights="random:seed=0", run_id="bench",
-                          config=config.to_dict(), extra={"site": "AB"[i % 2]})
+                          config=config.to_dict(), extra={"site": "AB"[i % 2]}, side="R",
+                          regions=dict.fromkeys(("tibia", "femur", "background"),
+                                                RegionRecord(1000, 1.0, *[100.0] * 7)))
         write_subject(out, sid, vectors, similarities(sid, vectors, DEFAULT_LAYERS), done,
                       time.perf_counter())
     save_manifest(out, ManifestRecord(keys))

@@ -6,7 +6,7 @@ The public API (imported lazily, so ``import kneebatch`` stays instant)::
     extract_subject(ct, mask, model_path, subject_id=..., side=..., config=...) -> SubjectResult
     run_cohort(manifest, out, model_path, client=None, config=..., ...) -> RunSummary
     read_results(out) -> Results(similarities, features, regions, failures)
-    feature_matrix(out, layer=None, region=None) -> wide subject x feature DataFrame
+    feature_matrix(out, layer=None, region=None, with_extras=False) -> wide subject x feature table
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ LAYERS = (
     "denseblock4",
     "norm5",
 )
+# Channels of each layer's output in DenseNet121: the length of its pooled feature vector.
+LAYER_WIDTH = {"denseblock1": 256, "transition1": 128, "denseblock2": 512, "transition2": 256,
+               "denseblock3": 1024, "transition3": 512, "denseblock4": 1024, "norm5": 1024}
+READ_TIMEOUT_S = 300.0  # a file that gives no answer for this long fails its subject (--read-timeout)
 DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
 Precision = Literal["float32", "bf16"]
 InputNorm = Literal["imagenet", "grey"]

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from kneebatch.outdir.records import ParquetMetadata, parse_dataclass
 
-SCHEMA_VERSION = 2  # the layout of the Parquet datasets; in their metadata and in run.json
+SCHEMA_VERSION = 3  # the layout of the Parquet datasets; in their metadata and in run.json
 DATASETS = ("similarities", "features", "regions")
 PART = "part-0.parquet"  # each dataset's one file
 METADATA_KEY = b"kneebatch"  # the Parquet schema metadata entry holding the provenance JSON
@@ -26,25 +26,40 @@ PROVENANCE = ("run_id", "weights", "model_sha256", "config_hash", "labels")
 EXTRA_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
                "string": pa.string()}  # the types a manifest's extra column can take
 
+# Who a row is: the knee, the scan it came from (a bilateral scan's id for <id>_L and <id>_R)
+# and its side (L, R, or empty when the manifest left it empty).
+IDENTITY = ("subject_id", "scan_id", "side")
+
 _PROV = [(c, pa.string()) for c in PROVENANCE]
+_WHO = [(c, pa.string()) for c in IDENTITY]
 _FIXED: dict[str, list[tuple[str, pa.DataType]]] = {
-    "similarities": [("subject_id", pa.string()), ("layer", pa.string()),
-                     ("region_a", pa.string()), ("region_b", pa.string()),
-                     ("cosine", pa.float64())],
-    "features": [("subject_id", pa.string()), ("region", pa.string()), ("layer", pa.string()),
+    "similarities": [*_WHO, ("layer", pa.string()), ("region_a", pa.string()),
+                     ("region_b", pa.string()), ("cosine", pa.float64())],
+    "features": [*_WHO, ("region", pa.string()), ("layer", pa.string()),
                  ("dim", pa.int32()), ("vector", pa.list_(pa.float32()))],
-    "regions": [("subject_id", pa.string()), ("region", pa.string()), ("voxels", pa.int64()),
+    "regions": [*_WHO, ("region", pa.string()), ("voxels", pa.int64()),
                 *((c, pa.float64()) for c in STAT_COLUMNS if c != "voxels")],
 }
 _AFTER_EXTRAS: dict[str, list[tuple[str, pa.DataType]]] = {
     "similarities": [("warnings", pa.string())], "features": [], "regions": []}
 _HAS_EXTRAS = ("similarities", "regions")
 
-# Names the manifest may not use for an extra column: every output column (but the subject id,
-# which the manifest owns), the result key, and the report's derived ``pair`` column.
+# Names the manifest may not use for an extra column: every output column (but the subject id and
+# side, which the manifest owns), the result key, and the report's derived ``pair`` column.
 RESERVED = tuple(sorted(
     ({name for dataset in DATASETS for name, _ in _FIXED[dataset] + _AFTER_EXTRAS[dataset]}
-     | set(PROVENANCE) | {"key", "pair"}) - {"subject_id"}))
+     | set(PROVENANCE) | {"key", "pair"}) - {"subject_id", "side"}))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarityRow:
+    """One row of a subject's ``similarities.csv`` (the similarities dataset's first columns)."""
+
+    subject_id: str
+    layer: str
+    region_a: str
+    region_b: str
+    cosine: float
 
 
 def schemas(extra_types: dict[str, str], provenance: dict[str, Any]) -> dict[str, pa.Schema]:

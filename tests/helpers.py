@@ -43,6 +43,11 @@ def run(manifest: Path, out: Path, model: Path, *extra: str) -> int:
     return main(["run", str(manifest), "--out", str(out), "--model", str(model), *extra])
 
 
+def run_joined(scheduler: str, manifest: Path, out: Path, model: Path, *extra: str) -> int:
+    """``run`` on the session's dask cluster, with the bookkeeping tests' small settings."""
+    return run(manifest, out, model, *BOOKKEEPING_RUN, "--scheduler-address", scheduler, *extra)
+
+
 def edit_manifest(manifest: Path, subject: str, **changes: str) -> None:
     """Change one row's columns, as a user editing the CSV would."""
     df = pd.read_csv(manifest, dtype=str, keep_default_na=False)

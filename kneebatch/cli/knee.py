@@ -21,7 +21,7 @@ from kneebatch.cli.options import (
 from kneebatch.config import PAIRS
 
 if TYPE_CHECKING:
-    from kneebatch.extract.similarity import SimilarityRow
+    from kneebatch.schema import SimilarityRow
 
 
 def _print_table(subject_id: str, rows: Sequence[SimilarityRow], weights: str) -> None:

@@ -87,7 +87,7 @@ def add_labels(parser: argparse.ArgumentParser) -> None:
 
 
 def add_read_timeout(parser: argparse.ArgumentParser) -> None:
-    from kneebatch.scan.files import READ_TIMEOUT_S
+    from kneebatch.config import READ_TIMEOUT_S
 
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
                         help="a CT or mask that gives no answer for S seconds (a hung network "

@@ -40,7 +40,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from kneebatch.results.tables import export_wide
 
     check_owned(args.out)
-    matrix = export_wide(args.out, args.wide, args.layer, args.region)
+    matrix = export_wide(args.out, args.wide, args.layer, args.region,
+                         with_extras=args.with_extras)
     print(f"Wrote {args.wide}: {matrix.shape[0]} subject(s) x {matrix.shape[1]} feature(s)")
     return EXIT_OK
 
@@ -50,11 +51,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from kneebatch.cohort.status import cohort_status
 
     status = cohort_status(args.out, args.manifest)
-    total = len(status.finished) + len(status.failed) + len(status.running) + len(status.pending)
-    print(f"{args.out}: {total} subject(s) in the manifest")
+    print(f"{args.out}: {status.total} subject(s) in the manifest")
     print(f"  finished {len(status.finished):>6}")
     stages = ", ".join(f"{stage} {n}" for stage, n in status.failures_by_stage().items())
-    print(f"  failed   {len(status.failed):>6}" + (f"   by stage: {stages}" if stages else ""))
+    print(f"  failed   {status.failed_count:>6}" + (f"   by stage: {stages}" if stages else ""))
     where = collections.Counter(f"{h.host} (pid {h.pid}{', job ' + h.job_id if h.job_id else ''})"
                                 for h in status.running.values())
     print(f"  running  {len(status.running):>6}"
@@ -62,12 +62,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  pending  {len(status.pending):>6}")
     run = status.run
     if run is not None:
-        state = "running" if not run.ended else ("stopped" if run.stopped else "ended")
+        state = status.run_state
+        if state == "stopped" and not run.ended:
+            state = "stopped: its process is gone (killed, or out of walltime)"
         rate = (f"{status.rate_per_h:.0f} knees/h" if status.rate_per_h else "no subject yet")
         eta = status.eta_s
         print(f"latest run {run.run_id} ({state}, started {run.started}): {rate}"
               + (f", ETA {duration(eta)}" if eta and (status.running or status.pending) else ""))
-    if status.failed:
+    damaged = [r for r in status.failed.values() if r.stage == "result"]
+    for record in damaged[:5]:
+        print(f"damaged: {record.error}")
+    if status.failed_count:
         print(f"failures: {args.out / 'failures.csv'}")
     return EXIT_OK
 
@@ -119,8 +124,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="the features as one wide subject x feature table")
     add_out_folder(p)
     p.add_argument("--wide", type=Path, required=True, metavar="FILE",
-                   help="the table to write: FILE.parquet (or FILE.csv), one row per subject, "
-                        "columns <region>.<layer>.<i>")
+                   help="the table to write: FILE.parquet (or FILE.csv), outside OUT; one row "
+                        "per subject: subject_id, scan_id, side, then <region>.<layer>.<i>")
+    p.add_argument("--with-extras", action="store_true",
+                   help="add the manifest's extra columns (covariates) after side")
     p.add_argument("--layer", default=None, help="only this layer (default: every layer)")
     p.add_argument("--region", default=None, help="only this region (default: all three)")
     p.set_defaults(func=_cmd_export)

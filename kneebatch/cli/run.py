@@ -32,6 +32,7 @@ log = logging.getLogger("kneebatch")
 def _cmd_run(args: argparse.Namespace) -> int:
     from kneebatch.cohort.progress import Progress
     from kneebatch.cohort.run import RunOptions, run_cohort
+    from kneebatch.inputs.extras import parse_column_types
 
     config = config_from_args(args)
     model_path = model_file(args)
@@ -51,13 +52,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _route_dask_logging(args.debug)
     options = RunOptions(config=config, labels=args.labels, overwrite=args.overwrite,
                          part=args.shard, qc=args.qc, gather_results=not args.no_gather,
-                         read_timeout_s=args.read_timeout, forward=forward_from_args(args))
+                         read_timeout_s=args.read_timeout, forward=forward_from_args(args),
+                         column_types=parse_column_types(args.column_types))
     summary = run_cohort(args.manifest, args.out, model_path, options,
                          cluster=cluster_spec_from_args(args), on_start=progress.start,
                          on_progress=progress, stop=stop)
     print(f"Run {summary.run_id}: {summary.ok} finished, {summary.failed} failed, "
           f"{summary.skipped} skipped (already done) of {summary.total} in "
           f"{summary.wall_s:.0f} s ({summary.knees_per_hour:.0f} knees/h).")
+    if summary.covariates_updated:
+        print(f"{summary.ok} knee(s) computed; covariates updated for "
+              f"{summary.covariates_updated} (the manifest's extra columns are joined at "
+              "gather: editing them recomputes nothing).")
     if summary.changed:
         print(f"{summary.changed} subject(s) were redone because their inputs, settings or "
               "result files changed since they were finished.")
@@ -150,6 +156,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="in batch logs, a progress line every N subjects (default: 5%%)")
     p.add_argument("--dashboard", action="store_true",
                    help="serve dask's dashboard on localhost (a free port; the link is logged)")
+    p.add_argument("--column-types", default=None, metavar="COLUMN=TYPE,...",
+                   help="types of the manifest's extra columns in the Parquet, e.g. "
+                        "mrn=string,age=float64 (int64, float64, bool, string); undeclared "
+                        "columns are inferred, values with leading zeros stay text")
     add_read_timeout(p)
     add_plain_forward(p)
     add_labels(p)

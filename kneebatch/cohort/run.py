@@ -25,9 +25,9 @@ from kneebatch.cohort.cluster import ClusterSpec, Connection, open_client, subje
 from kneebatch.cohort.outcome import SubjectOutcome
 from kneebatch.cohort.scheduling import consume
 from kneebatch.cohort.task import process_subject
-from kneebatch.config import ExtractionConfig
+from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.errors import ConfigError
-from kneebatch.inputs.extras import infer_types
+from kneebatch.inputs.extras import column_types
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
 from kneebatch.network.modelfile import check_model_file
@@ -38,13 +38,18 @@ from kneebatch.outdir.failures import (
     save_row_problems,
     write_failures_csv,
 )
-from kneebatch.outdir.folder import open_out, save_manifest, save_run_record, unwritable
-from kneebatch.outdir.key import subject_key
+from kneebatch.outdir.folder import (
+    open_out,
+    read_manifest_record,
+    save_manifest,
+    save_run_record,
+    unwritable,
+)
+from kneebatch.outdir.key import legacy_key, subject_key
 from kneebatch.outdir.records import Counts, ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.results.gather import gather_run
-from kneebatch.results.subject_files import State, result_state
+from kneebatch.results.subject_files import State, read_done, result_state, subject_dir
 from kneebatch.runtime import configure_compute
-from kneebatch.scan.files import READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,8 @@ class RunOptions:
             it to one ``kneebatch gather`` after all of them).
         read_timeout_s: a file that gives no answer for this long fails its subject.
         forward: the forward pass's fast-path switches (``ForwardOptions.plain()`` to debug).
+        column_types: declared types of the manifest's extra columns (``--column-types``); the
+            others are inferred.
     """
 
     config: ExtractionConfig = dataclasses.field(default_factory=ExtractionConfig)
@@ -75,12 +82,14 @@ class RunOptions:
     gather_results: bool = True
     read_timeout_s: float = READ_TIMEOUT_S
     forward: ForwardOptions = FAST
+    column_types: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for run.json (the extraction settings are recorded beside it, in full)."""
         return {"labels": str(self.labels or LabelMap()), "overwrite": self.overwrite,
                 "part": self.part, "qc": self.qc, "gather_results": self.gather_results,
-                "read_timeout_s": self.read_timeout_s, "forward": self.forward.to_dict()}
+                "read_timeout_s": self.read_timeout_s, "forward": self.forward.to_dict(),
+                "column_types": dict(self.column_types)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +101,8 @@ class RunSummary:
         ok, failed: subjects computed now, and failed ones (rows included).
         skipped: subjects already finished (by an earlier or a concurrent run).
         changed: subjects redone because their inputs, settings or files changed.
+        covariates_updated: finished subjects whose covariates (the manifest's extra columns)
+            changed since the last run: joined anew at gather, not recomputed.
         pending: manifest subjects left without a result or a failure after the gather.
         left_out: folders under ``subjects/`` not in the manifest, left out of the Parquet.
     """
@@ -107,6 +118,7 @@ class RunSummary:
     changed: int = 0
     pending: int = 0
     left_out: int = 0
+    covariates_updated: int = 0
 
     @property
     def knees_per_hour(self) -> float:
@@ -231,17 +243,25 @@ def run_cohort(
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
                     info.weights)
     config_hash = config.hash()
+    types = column_types(((s.subject_id, s.extra) for s in specs), options.column_types)
     run_id = open_out(out, SettingsRecord(config_hash, info.sha256, info.weights, config.to_dict()),
                       command="run", overwrite=overwrite)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     keys = {s.subject_id: subject_key(s, config_hash, info.sha256) for s in specs}
+    previous = read_manifest_record(out)
     manifest_record = ManifestRecord(keys, str(manifest_path.resolve()) if manifest_path else None,
                                      file_sha256(manifest_path) if manifest_path else None,
-                                     infer_types(s.extra for s in specs))
+                                     types, {s.subject_id: s.extra for s in specs})
     save_manifest(out, manifest_record)
-    states = {s.subject_id: result_state(out, s.subject_id, keys[s.subject_id]) for s in mine}
+    states = {s.subject_id: result_state(
+        out, s.subject_id, keys[s.subject_id],
+        functools.partial(legacy_key, s, config_hash, info.sha256)) for s in mine}
     todo = [s for s in mine if overwrite or states[s.subject_id] is not State.FINISHED]
+    updated = _covariates_updated(out, [s for s in mine if s not in todo], previous)
+    if updated:
+        log.info("covariates updated for %d finished subject(s): joined at gather, no knee "
+                 "recomputed", updated)
     changed = sum(states[s.subject_id] in (State.CHANGED, State.DAMAGED) for s in todo)
     if len(mine) > len(todo):
         log.info("skipping %d subject(s) already finished with these inputs and settings "
@@ -261,6 +281,7 @@ def run_cohort(
                           "kneebatch": info.kneebatch},
         manifest=manifest_record.path, manifest_sha256=manifest_record.sha256,
         labels=str(labels or LabelMap()), command=list(sys.argv), host=socket.gethostname(),
+        pid=os.getpid(),
         slurm=_slurm_ids(), shard=part, options=options.to_dict())
     save_run_record(out, record)  # a run in progress, for `kneebatch status`
     if on_start:
@@ -294,7 +315,22 @@ def run_cohort(
     save_run_record(out, record)
     pending = left_out = 0
     if options.gather_results:
-        result = gather_run(out, record, keep_larger=stopped)
+        result = gather_run(out, record)
         pending, left_out = len(result.pending), result.left_out
     return RunSummary(run_id, len(mine) + len(problems_here), ok, failed + len(problems_here), skipped,
-                      wall_s, out, stopped, changed, pending, left_out)
+                      wall_s, out, stopped, changed, pending, left_out, updated)
+
+
+def _covariates_updated(out: Path, finished: list[SubjectSpec],
+                        previous: ManifestRecord | None) -> int:
+    """Finished subjects whose extra values differ from the last run's manifest (or, for a
+    folder of an earlier version, from those the result was computed with)."""
+    count = 0
+    for spec in finished:
+        if previous is not None and spec.subject_id in previous.extras:
+            before = previous.extras[spec.subject_id]
+        else:
+            done = read_done(subject_dir(out, spec.subject_id))
+            before = done.extra if done else spec.extra
+        count += before != spec.extra
+    return count

@@ -20,6 +20,7 @@ from kneebatch.cohort.outcome import SubjectOutcome
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.outdir.claims import holder
 from kneebatch.outdir.failures import clear_failure, current_failures, save_failure, write_failures_csv
+from kneebatch.outdir.folder import HEARTBEAT_S, heartbeat
 from kneebatch.outdir.records import FailureRecord
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,12 @@ def consume(connection: Connection, todo: list[SubjectSpec],
         in_flight.extend(futures)
 
     feed()
-    last_claims = last_csv = 0.0
+    last_claims = last_csv = last_beat = 0.0
     stale_csv = False
     while in_flight or queue or waiting:
+        if time.monotonic() - last_beat > HEARTBEAT_S:
+            last_beat = time.monotonic()
+            heartbeat(out, run_id)
         if stop is not None and stop.is_set():
             log.warning("stop requested: cancelling %d running subject(s), %d not started; "
                         "rerun the same command to finish them", len(in_flight),

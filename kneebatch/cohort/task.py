@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kneebatch import __version__
 from kneebatch.cohort.outcome import SubjectOutcome
-from kneebatch.config import ExtractionConfig
+from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.errors import KneebatchError, MemoryLimitError
 from kneebatch.extract.memory import estimate_bytes, gib
 from kneebatch.extract.pipeline import Stage, SubjectResult, forward_subject, prepare_subject
@@ -25,7 +25,6 @@ from kneebatch.outdir.records import DoneRecord, RegionRecord, parse_dataclass
 from kneebatch.report.qc_picture import qc_title, render_qc
 from kneebatch.results.subject_files import QC, State, remove_result, result_state, write_subject
 from kneebatch.runtime import SUBJECTS_IN_PROGRESS
-from kneebatch.scan.files import READ_TIMEOUT_S
 from kneebatch.scan.headers import check_headers
 
 log = logging.getLogger(__name__)

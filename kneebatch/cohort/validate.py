@@ -12,12 +12,11 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-from kneebatch.config import ExtractionConfig
+from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.errors import KneebatchError
 from kneebatch.extract.memory import estimate_bytes
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import parse_manifest
-from kneebatch.scan.files import READ_TIMEOUT_S
 from kneebatch.scan.geometry import Header
 from kneebatch.scan.headers import check_headers
 from kneebatch.scan.preflight import MaskCheck, check_mask

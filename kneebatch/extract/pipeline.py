@@ -15,17 +15,17 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kneebatch.config import REGIONS, ExtractionConfig
-from kneebatch.extract.similarity import SimilarityRow, similarities
+from kneebatch.config import READ_TIMEOUT_S, REGIONS, ExtractionConfig
+from kneebatch.extract.similarity import similarities
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.features import extract_features
 from kneebatch.network.model import LoadedModel
 from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
 from kneebatch.runtime import release_memory
-from kneebatch.scan.files import READ_TIMEOUT_S
 from kneebatch.scan.read import load_scan
 from kneebatch.scan.region_stats import RegionStats, region_stats
 from kneebatch.scan.regions import Regions, make_regions
+from kneebatch.schema import SimilarityRow
 
 log = logging.getLogger(__name__)
 

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 from scipy.spatial import distance
 
 from kneebatch.config import PAIRS
-
-
-@dataclasses.dataclass(frozen=True)
-class SimilarityRow:
-    """One row of ``similarities.csv``."""
-
-    subject_id: str
-    layer: str
-    region_a: str
-    region_b: str
-    cosine: float
+from kneebatch.schema import SimilarityRow
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -85,6 +85,12 @@ def check_side(side: str | None, where: str = "") -> str | None:
     return value
 
 
+def scan_id(subject_id: str, bilateral: bool) -> str:
+    """The manifest row a knee came from: its own id, or a bilateral scan's id for the knees
+    ``<id>_L`` and ``<id>_R``."""
+    return subject_id[:-2] if bilateral else subject_id
+
+
 def knees(spec: SubjectSpec) -> list[SubjectSpec]:
     """The knees of a manifest row: itself, or for side ``both`` its two legs ``<id>_L``
     (mirrored) and ``<id>_R``."""

@@ -5,10 +5,34 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def temporary_of(name: str) -> tuple[str, int] | None:
+    """(file name, writer's pid) when ``name`` is one of kneebatch's temporaries, else None."""
+    found = _TEMPORARY.match(name)
+    return (found["name"], int(found["pid"])) if found else None
+
+
+def left_by_dead_writer(path: Path) -> bool:
+    """Whether ``path`` is a temporary whose writer (a process on this host) is gone."""
+    found = temporary_of(path.name)
+    if found is None:
+        return False
+    try:
+        os.kill(found[1], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @contextlib.contextmanager

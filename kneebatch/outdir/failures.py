@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SUBJECT_FAILURES = f"{BOOKKEEPING}/failures/subjects"
 ROW_FAILURES = f"{BOOKKEEPING}/failures/rows"
+FAILURES = "failures.csv"  # the table users read
 
 
 def save_failure(out: Path, record: FailureRecord) -> None:
@@ -95,5 +96,5 @@ def write_failures_csv(out: Path, records: Iterable[FailureRecord]) -> int:
     writer = csv.DictWriter(buffer, fieldnames=FAILURE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out / "failures.csv", buffer.getvalue())
+    write_text_atomic(out / FAILURES, buffer.getvalue())
     return len(rows)

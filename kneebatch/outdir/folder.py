@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from kneebatch.errors import ConfigError, OutputError
-from kneebatch.outdir.atomic import write_text_atomic
+from kneebatch.outdir.atomic import temporary_of, write_text_atomic
 from kneebatch.outdir.records import ManifestRecord, RunRecord, SettingsRecord
 from kneebatch.schema import DATASETS
 
@@ -27,6 +30,8 @@ SETTINGS = f"{BOOKKEEPING}/settings.json"
 MANIFEST = f"{BOOKKEEPING}/manifest.json"
 MERGED = f"{BOOKKEEPING}/merged.json"  # written by `kneebatch merge`
 RUNS_DIR = f"{BOOKKEEPING}/runs"  # one JSON per run (or array shard); run.json is the latest
+TABLES = f"{BOOKKEEPING}/tables"  # one folder of the three datasets per gather (see publish.py)
+CURRENT = "current"  # the link under TABLES to the latest gather's folder
 # Everything kneebatch may put at the top of OUT.
 OURS = frozenset({BOOKKEEPING, "subjects", *DATASETS, "run.json", "failures.csv", "report"})
 _DATASET_FILE = re.compile(r"^(part-\d+\.parquet|\.part-\d+\.parquet\.[0-9a-f.]+\.tmp)$")
@@ -42,19 +47,39 @@ def record_name(subject_id: str) -> str:
     return f"{subject_id[:60]}~{hashlib.sha256(subject_id.encode()).hexdigest()[:20]}"
 
 
+def link_target(name: str) -> str:
+    """Where the dataset link ``OUT/<name>`` points (relative: OUT moves or copies whole)."""
+    return f"{TABLES}/{CURRENT}/{name}"
+
+
+def is_dataset_link(out: Path, name: str) -> bool:
+    """Whether ``OUT/<name>`` is the link kneebatch makes to the latest gather's dataset."""
+    path = out / name
+    return path.is_symlink() and os.readlink(path) == link_target(name)
+
+
 def foreign_paths(out: Path) -> list[Path]:
     """Paths in OUT that kneebatch did not make (top level and inside the Parquet folders)."""
-    found = [p for p in sorted(out.iterdir()) if p.name not in OURS and not OLD_DEBRIS.match(p.name)]
+    found = [p for p in sorted(out.iterdir()) if p.name not in OURS
+             and not OLD_DEBRIS.match(p.name) and not _our_temporary(p.name)]
     for name in DATASETS:
         folder = out / name
+        if not is_dataset_link(out, name) and (
+                folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+            found.append(folder)
+        elif folder.is_dir():  # a user's file put into a dataset: gather would drop it
+            found += [p for p in sorted(folder.iterdir()) if not _DATASET_FILE.match(p.name)]
+    # Folders kneebatch writes into must be its own, never links out of OUT (or into .kneebatch).
+    for folder in (out / "subjects", out / "report", out / "report" / "qc"):
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             found.append(folder)
-        elif folder.is_dir():
-            found += [p for p in sorted(folder.iterdir()) if not _DATASET_FILE.match(p.name)]
-    subjects = out / "subjects"
-    if subjects.is_symlink() or (subjects.exists() and not subjects.is_dir()):
-        found.append(subjects)
     return found
+
+
+def _our_temporary(name: str) -> bool:
+    """A temporary of one of kneebatch's files at the top of OUT (a killed writer leaves one)."""
+    found = temporary_of(name)
+    return found is not None and found[0] in OURS
 
 
 def _refuse_foreign(out: Path, found: list[Path]) -> None:
@@ -98,7 +123,6 @@ def claim_out(out: Path) -> None:
                 _refuse_foreign(out, found)
         (out / BOOKKEEPING).mkdir(parents=True, exist_ok=True)
         check_owned(out)
-        (out / "subjects").mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputError(f"Cannot create output folder {out}: {exc.strerror or exc}. Choose a "
                           "writable --out.") from exc
@@ -168,6 +192,37 @@ def save_run_record(out: Path, record: RunRecord) -> None:
         raise unwritable(out, exc) from exc
 
 
+HEARTBEAT_S = 60.0  # a running run touches its record this often
+_GONE_AFTER_S = 15 * 60  # no heartbeat for this long: the run (on another host) is gone
+
+
+def heartbeat(out: Path, run_id: str) -> None:
+    """Show that the run is alive (its record's mtime), for ``status`` on other hosts."""
+    with contextlib.suppress(OSError):
+        os.utime(out / RUNS_DIR / f"{run_id}.json")
+
+
+def run_state(out: Path, record: RunRecord) -> str:
+    """``ended``, ``stopped`` (asked to stop, or its process is gone: killed, out of walltime) or
+    ``running``. A run on this host is gone when its pid is not alive; one on another host when
+    it has given no heartbeat for 15 minutes."""
+    if record.ended:
+        return "stopped" if record.stopped else "ended"
+    if record.host == socket.gethostname() and record.pid:
+        try:
+            os.kill(record.pid, 0)
+        except ProcessLookupError:
+            return "stopped"
+        except PermissionError:  # alive, another user's
+            pass
+        return "running"
+    try:
+        age = time.time() - (out / RUNS_DIR / f"{record.run_id}.json").stat().st_mtime
+    except OSError:
+        return "running"
+    return "stopped" if age > _GONE_AFTER_S else "running"
+
+
 def run_records(out: Path) -> list[RunRecord]:
     """Every run record in OUT, oldest first."""
     folder = out / RUNS_DIR
@@ -229,4 +284,9 @@ def open_out(out: Path, settings: SettingsRecord, *,
     else:
         check_not_merged(out, command)
     check_settings(out, settings, overwrite=overwrite)
+    if command != "merge":  # a merge folder has no per-subject files
+        try:
+            (out / "subjects").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise unwritable(out, exc) from exc
     return _new_run_id("" if command == "run" else command)

@@ -2,8 +2,13 @@
 
 A finished subject is reused only when its ``done.json`` holds the key the current run computes:
 the settings hash, the model's sha256, and the subject's inputs (resolved CT and mask paths with
-their size and modification time, every file of a DICOM folder included; the side; the label map;
-the manifest's extra values). Editing any of these makes the next run redo that subject.
+their size and modification time, every file of a DICOM folder included; the side; the label map).
+Editing any of these makes the next run redo that subject. The manifest's extra columns
+(covariates) are not in the key: gather joins them from the current manifest, so editing one
+recomputes nothing.
+
+Results of earlier kneebatch versions hold a key that also hashed the extra values they were computed
+with (``legacy_key``); ``run`` accepts such a result once and rewrites its key.
 """
 
 from __future__ import annotations
@@ -31,7 +36,22 @@ def _fingerprint(path: Path) -> list[object]:
 
 def subject_key(spec: SubjectSpec, config_hash: str, model_sha256: str) -> str:
     """The key a finished result of ``spec`` must carry under these settings and model."""
-    blob = json.dumps({
+    return _hash(_inputs(spec, config_hash, model_sha256))
+
+
+def legacy_key(spec: SubjectSpec, config_hash: str, model_sha256: str,
+               extra: dict[str, str]) -> str:
+    """The key earlier kneebatch versions gave the same result, computed with the manifest's extra
+    values ``extra`` (those its ``done.json`` records)."""
+    return _hash({**_inputs(spec, config_hash, model_sha256), "extra": sorted(extra.items())})
+
+
+def _hash(fields: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _inputs(spec: SubjectSpec, config_hash: str, model_sha256: str) -> dict[str, object]:
+    return {
         "config_hash": config_hash,
         "model_sha256": model_sha256,
         "subject_id": spec.subject_id,
@@ -40,6 +60,4 @@ def subject_key(spec: SubjectSpec, config_hash: str, model_sha256: str) -> str:
         "side": spec.side,
         "labels": str(spec.labels),
         "bilateral": spec.bilateral,
-        "extra": sorted(spec.extra.items()),
-    }, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+    }

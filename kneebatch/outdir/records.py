@@ -210,7 +210,6 @@ class ParquetSummary:
     failures: int = 0
     pending: int = 0
     left_out_folders: int = 0
-    kept_previous: bool = False
     extra_types: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -257,6 +256,7 @@ class RunRecord(Record):
     labels: str = ""
     command: list[str] = dataclasses.field(default_factory=list)
     host: str = ""
+    pid: int = 0
     slurm: dict[str, str] = dataclasses.field(default_factory=dict)
     shard: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -301,9 +301,11 @@ class SettingsRecord(Record):
 @dataclasses.dataclass(frozen=True)
 class ManifestRecord(Record):
     """``.kneebatch/manifest.json``: the subjects of the last run and the key each result must
-    have; gather takes exactly these subjects."""
+    have; gather takes exactly these subjects, with their covariates (``extras``: subject ->
+    the manifest's extra values) and the columns' types."""
 
     subjects: dict[str, str]
     path: str | None = None
     sha256: str | None = None
     extra_types: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)

@@ -2,11 +2,13 @@
 and ``OUT/regions/``, ``failures.csv`` and ``run.json``.
 
 Gather takes exactly the subjects of the last run's manifest (every finished folder when OUT was
-written by ``extract`` alone), each with the key that run expects. It is total: a subject folder with
-a missing, truncated or malformed file is listed in ``failures.csv`` (stage ``gather``) and the
-dataset is built from the rest. Each file is read once. A dataset is one Parquet file written to a
-temporary name beside it and renamed into place, so a reader never sees half a dataset and a killed
-gather leaves the previous one whole.
+written by ``extract`` alone), each with the key that run expects, so every row was computed under
+the settings and model run.json names. The covariates (the manifest's extra columns) are joined
+from that manifest, not from the subject's files. It is total: a subject folder with a missing,
+truncated or malformed file is listed in ``failures.csv`` (stage ``gather``) and the dataset is
+built from the rest. Each file is read once. The three datasets are written into a new folder and
+switched in together (``publish``), so a reader never sees half a dataset nor datasets of
+different gathers, and a killed gather leaves the previous ones whole.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kneebatch.extract.similarity import SimilarityRow
-from kneebatch.inputs.extras import convert, infer_types
+from kneebatch.errors import ConfigError
+from kneebatch.inputs.extras import column_types, convert
 from kneebatch.inputs.labels import LabelMap
-from kneebatch.outdir.atomic import write_text_atomic
+from kneebatch.inputs.manifest import scan_id
+from kneebatch.outdir.atomic import left_by_dead_writer, write_text_atomic
 from kneebatch.outdir.failures import current_failures, write_failures_csv
 from kneebatch.outdir.folder import (
     OLD_DEBRIS,
@@ -41,14 +42,23 @@ from kneebatch.outdir.folder import (
     run_records,
     unwritable,
 )
-from kneebatch.outdir.records import Counts, DoneRecord, FailureRecord, ParquetSummary, RunRecord
+from kneebatch.outdir.publish import new_generation, publish
+from kneebatch.outdir.records import (
+    Counts,
+    DoneRecord,
+    FailureRecord,
+    ManifestRecord,
+    ParquetSummary,
+    RunRecord,
+)
 from kneebatch.results.subject_files import (
+    DONE,
     DamagedResult,
     read_done,
     read_result,
     subject_dir,
 )
-from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION, schemas
+from kneebatch.schema import DATASETS, PART, SCHEMA_VERSION, SimilarityRow, schemas
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +73,6 @@ class GatherResult:
         failures: rows of ``failures.csv``.
         pending: subjects of the manifest with neither a current result nor a failure.
         left_out: folders under ``subjects/`` that are not in the manifest (not gathered).
-        kept_previous: the existing, larger Parquet was kept (a stopped run never shrinks it).
         extra_types: the manifest's extra columns and the type each has in the Parquet.
     """
 
@@ -73,14 +82,13 @@ class GatherResult:
     failures: int
     pending: tuple[str, ...] = ()
     left_out: int = 0
-    kept_previous: bool = False
     extra_types: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> ParquetSummary:
         """What ``run.json`` records of the Parquet."""
         return ParquetSummary(subjects=self.subjects, failures=self.failures,
                               pending=len(self.pending), left_out_folders=self.left_out,
-                              kept_previous=self.kept_previous, extra_types=self.extra_types)
+                              extra_types=self.extra_types)
 
 
 @dataclasses.dataclass
@@ -93,12 +101,11 @@ class _Survey:
 
 
 def _clear_debris(out: Path) -> None:
-    """Remove what killed gathers left (the caller holds the gather lock)."""
-    for name in DATASETS:
-        for tmp in (out / name).glob(".*.tmp") if (out / name).is_dir() else []:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    """Remove what killed gathers left: temporaries of run.json and failures.csv whose writer is
+    gone, folders of kneebatch 0.1 (the caller holds the gather lock)."""
     for path in out.iterdir():
+        if left_by_dead_writer(path):
+            path.unlink(missing_ok=True)
         if OLD_DEBRIS.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -121,7 +128,13 @@ def _survey(out: Path) -> _Survey:
             continue
         done = read_done(folder)
         if done is None:
-            survey.pending.append(subject_id)
+            if (folder / DONE).exists():
+                survey.problems.append(FailureRecord(
+                    subject_id, f"Subject {subject_id}: {folder / DONE} is not a kneebatch "
+                    "result record (damaged or edited). Rerun `kneebatch run` to compute it "
+                    "again.", "gather"))
+            else:
+                survey.pending.append(subject_id)
             continue
         if (key is not None and done.key != key) or (key is None and settings is not None and (
                 done.config_hash != settings.config_hash
@@ -133,63 +146,61 @@ def _survey(out: Path) -> _Survey:
 
 
 @contextlib.contextmanager
-def _writers(out: Path, arrow_schemas: dict[str, pa.Schema]) -> Iterator[
-        tuple[dict[str, pq.ParquetWriter], list[tuple[Path, Path]]]]:
-    """Writers to temporary files beside each dataset's part; the caller renames them in."""
-    token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    moves = []
-    for name in DATASETS:
-        (out / name).mkdir(exist_ok=True)
-        moves.append((out / name / f".{PART}.{token}.tmp", out / name / PART))
-    try:
-        with contextlib.ExitStack() as stack:
-            writers = {name: stack.enter_context(pq.ParquetWriter(tmp, arrow_schemas[name]))
-                       for name, (tmp, _) in zip(DATASETS, moves, strict=True)}
-            yield writers, moves
-    finally:
-        for tmp, _ in moves:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+def _writers(folder: Path, arrow_schemas: dict[str, pa.Schema]) -> Iterator[
+        dict[str, pq.ParquetWriter]]:
+    """One writer per dataset, into a new generation's folder."""
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(pq.ParquetWriter(folder / name / PART,
+                                                          arrow_schemas[name]))
+               for name in DATASETS}
 
 
-def _subjects_in(path: Path) -> int:
-    """Subjects in an existing dataset part (0 when there is none or it cannot be read)."""
+def _extras(manifest: ManifestRecord | None, finished: list[tuple[Path, DoneRecord]]
+            ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Each finished subject's covariates and their columns' types: from the last run's manifest
+    (the current values, whatever the subject was computed with), else from ``done.json``."""
+    known = manifest.extras if manifest and manifest.extras else {}
+    values = {d.subject_id: known.get(d.subject_id, d.extra) for _, d in finished}
+    recorded = manifest.extra_types if manifest else {}
     try:
-        return len(pq.read_table(path, columns=["subject_id"]).column(0).unique())
-    except (OSError, pa.ArrowException):
-        return 0
+        return values, column_types(values.items(), recorded)
+    except ConfigError:  # recorded types that no longer fit (a record of another version)
+        return values, column_types(values.items())
 
 
 def _rows(done: DoneRecord, rows: list[SimilarityRow], vectors: dict[str, np.ndarray],
-          extra_types: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+          extra: dict[str, str], extra_types: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     """One finished subject's rows of each dataset."""
+    who = {"subject_id": done.subject_id, "scan_id": scan_id(done.subject_id, done.bilateral),
+           "side": done.side}
     prov = {"run_id": done.run_id, "weights": done.weights, "model_sha256": done.model_sha256,
             "config_hash": done.config_hash, "labels": done.labels or str(LabelMap())}
-    extras = {c: convert(done.extra.get(c), kind) for c, kind in extra_types.items()}
+    extras = {c: convert(extra.get(c), kind) for c, kind in extra_types.items()}
     warnings = "; ".join(done.warnings)
-    sims = [{**dataclasses.asdict(row), **extras, "warnings": warnings, **prov} for row in rows]
+    sims = [{**who, **dataclasses.asdict(row), **extras, "warnings": warnings, **prov}
+            for row in rows]
     feats = []
     for key, vector in vectors.items():
         region, layer = key.split(".", 1)
-        feats.append({"subject_id": done.subject_id, "region": region, "layer": layer,
+        feats.append({**who, "region": region, "layer": layer,
                       "dim": int(vector.shape[0]), "vector": np.asarray(vector, np.float32),
                       **prov})
-    regions = [{"subject_id": done.subject_id, "region": region, **dataclasses.asdict(stats),
-                **extras, **prov}
+    regions = [{**who, "region": region, **dataclasses.asdict(stats), **extras, **prov}
                for region, stats in done.regions.items()]
     return {"similarities": sims, "features": feats, "regions": regions}
 
 
-def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: bool = False,
+def gather(out: Path, *, provenance: dict[str, Any] | None = None,
            batch: int = 256) -> GatherResult:
     """Build the Parquet datasets (``OUT/similarities/``, ``OUT/features/``, ``OUT/regions/``)
-    and ``OUT/failures.csv`` from ``OUT/subjects``.
+    and ``OUT/failures.csv`` from ``OUT/subjects``: exactly the subjects of the last manifest that
+    are finished with the key it expects (a stopped run's Parquet may hold fewer subjects than
+    the previous one, but never a row of other settings or of a subject left out).
 
     Args:
         out: the output folder.
         provenance: stored as JSON in every dataset's schema metadata, with the schema version
             and the extra columns' types.
-        keep_larger: keep the existing Parquet when it holds more subjects (a stopped run).
         batch: subjects per Parquet row group.
 
     Returns:
@@ -198,40 +209,32 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
     with gather_lock(out):
         _clear_debris(out)
         survey = _survey(out)
-        manifest = read_manifest_record(out)
-        extra_types = (manifest.extra_types if manifest and manifest.extra_types
-                       else infer_types(d.extra for _, d in survey.finished))
+        extras, extra_types = _extras(read_manifest_record(out), survey.finished)
         arrow_schemas = schemas(extra_types, provenance or {})
         gathered: list[str] = []
         counts = dict.fromkeys(DATASETS, 0)
-        with _writers(out, arrow_schemas) as (writers, moves):
-            for start in range(0, len(survey.finished), batch):
-                tables: dict[str, list[dict[str, Any]]] = {name: [] for name in DATASETS}
-                for folder, done in survey.finished[start:start + batch]:
-                    try:
-                        rows, vectors = read_result(folder, done)
-                    except DamagedResult as exc:
-                        survey.problems.append(FailureRecord(
-                            done.subject_id, f"Subject {done.subject_id}: {exc.path} "
-                            f"{exc.problem}. Rerun `kneebatch run` to compute it again.",
-                            "gather", done.ct, done.mask))
-                        continue
-                    gathered.append(done.subject_id)
-                    for name, new in _rows(done, rows, vectors, extra_types).items():
-                        tables[name] += new
-                for name, writer in writers.items():
-                    writer.write_table(pa.Table.from_pylist(tables[name], schema=arrow_schemas[name]))
-                    counts[name] += len(tables[name])
-            for writer in writers.values():
-                writer.close()
-            kept = keep_larger and _subjects_in(moves[0][1]) > len(gathered)
-            if kept:
-                log.warning("kept the existing Parquet in %s: it holds more subjects than this "
-                            "stopped run could gather (%d); the next complete run replaces it",
-                            out, len(gathered))
-            else:
-                for tmp, final in moves:
-                    os.replace(tmp, final)
+        with new_generation(out) as folder:
+            with _writers(folder, arrow_schemas) as writers:
+                for start in range(0, len(survey.finished), batch):
+                    tables: dict[str, list[dict[str, Any]]] = {name: [] for name in DATASETS}
+                    for subject_folder, done in survey.finished[start:start + batch]:
+                        try:
+                            rows, vectors = read_result(subject_folder, done)
+                        except DamagedResult as exc:
+                            survey.problems.append(FailureRecord(
+                                done.subject_id, f"Subject {done.subject_id}: {exc.path} "
+                                f"{exc.problem}. Rerun `kneebatch run` to compute it again.",
+                                "gather", done.ct, done.mask))
+                            continue
+                        gathered.append(done.subject_id)
+                        new = _rows(done, rows, vectors, extras[done.subject_id], extra_types)
+                        for name, dataset_rows in new.items():
+                            tables[name] += dataset_rows
+                    for name, writer in writers.items():
+                        writer.write_table(pa.Table.from_pylist(tables[name],
+                                                                schema=arrow_schemas[name]))
+                        counts[name] += len(tables[name])
+            publish(out, folder)
         done_ids = set(gathered)
         records = current_failures(out, [s for s in survey.expected if s not in done_ids],
                                    survey.problems)
@@ -242,7 +245,7 @@ def gather(out: Path, *, provenance: dict[str, Any] | None = None, keep_larger: 
         log.info("left %d folder(s) under %s out of the Parquet: not in the last run's manifest",
                  survey.left_out, out / "subjects")
     return GatherResult(len(gathered), counts["similarities"], counts["features"], failures,
-                        pending, survey.left_out, kept, extra_types)
+                        pending, survey.left_out, extra_types)
 
 
 def _over_shards(out: Path, record: RunRecord) -> RunRecord:
@@ -260,8 +263,7 @@ def _over_shards(out: Path, record: RunRecord) -> RunRecord:
                                shards=[r.run_id for _, r in sorted(latest.items())])
 
 
-def gather_run(out: Path, record: RunRecord | None = None, *,
-               keep_larger: bool = False) -> GatherResult:
+def gather_run(out: Path, record: RunRecord | None = None) -> GatherResult:
     """Gather OUT and write ``run.json``: ``record`` (default: the latest run's) plus what the
     Parquet now holds. Works on any kneebatch OUT, also one written only by ``extract``.
 
@@ -283,7 +285,7 @@ def gather_run(out: Path, record: RunRecord | None = None, *,
     if record.shard:
         record = _over_shards(out, record)
     try:
-        result = gather(out, provenance=record.provenance(), keep_larger=keep_larger)
+        result = gather(out, provenance=record.provenance())
         summary = dataclasses.replace(record, parquet=result.summary(),
                                       schema_version=SCHEMA_VERSION)
         write_text_atomic(out / "run.json", summary.to_json())

@@ -16,14 +16,16 @@ import hashlib
 import io
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from kneebatch.config import LAYER_WIDTH, PAIRS, REGIONS
 from kneebatch.errors import OutputError
-from kneebatch.extract.similarity import SimilarityRow
 from kneebatch.outdir.atomic import write_bytes_atomic, write_text_atomic
 from kneebatch.outdir.records import DoneRecord, FileEntry
+from kneebatch.schema import SimilarityRow
 
 FEATURES = "features.npz"
 SIMILARITIES = "similarities.csv"
@@ -163,9 +165,28 @@ def _checked_bytes(folder: Path, name: str, done: DoneRecord) -> bytes:
     return data
 
 
-def result_state(out: Path, subject_id: str, key: str) -> State:
+def result_problem(out: Path, subject_id: str) -> str:
+    """Why a subject's result is damaged, in words ('' when it is whole)."""
+    folder = subject_dir(out, subject_id)
+    done = read_done(folder)
+    if done is None:
+        return f"{folder / DONE} is not a kneebatch result record (damaged or edited)"
+    try:
+        read_result(folder, done)
+    except DamagedResult as exc:
+        return str(exc)
+    return ""
+
+
+def result_state(out: Path, subject_id: str, key: str,
+                 legacy: Callable[[dict[str, str]], str] | None = None) -> State:
     """Whether the subject is finished with ``key``: its ``done.json`` holds the key and its files
-    the recorded checksums."""
+    the recorded checksums and the shapes the schema asks.
+
+    Args:
+        legacy: the key an earlier kneebatch version gave this result, from the extra values its
+            ``done.json`` records; a result holding it is rekeyed to ``key`` (once) and finished.
+    """
     folder = subject_dir(out, subject_id)
     if folder.is_symlink():
         return State.LINKED
@@ -174,23 +195,27 @@ def result_state(out: Path, subject_id: str, key: str) -> State:
     done = read_done(folder)
     if done is None:
         return State.DAMAGED
-    if done.key != key:
+    if done.key != key and (legacy is None or done.key != legacy(done.extra)):
         return State.CHANGED
     try:
-        for name in (FEATURES, SIMILARITIES):  # small files: their checksums are cheap
-            _checked_bytes(folder, name, done)
+        read_result(folder, done)  # small files: reading and checking them is cheap
     except DamagedResult:
         return State.DAMAGED
+    if done.key != key:
+        write_text_atomic(folder / DONE, dataclasses.replace(done, key=key).to_json())
     return State.FINISHED
 
 
 def read_result(folder: Path, done: DoneRecord) -> tuple[list[SimilarityRow], dict[str, np.ndarray]]:
     """A finished subject's similarity rows and vectors, each file read once and checked
-    against ``done.json``.
+    against ``done.json`` and the schema (keys, shapes, types, finiteness).
 
     Raises:
         DamagedResult: naming the file and what is wrong with it.
     """
+    problem = _done_problem(done)
+    if problem:
+        raise DamagedResult(folder / DONE, problem)
     sims = _checked_bytes(folder, SIMILARITIES, done)
     feats = _checked_bytes(folder, FEATURES, done)
     try:
@@ -204,7 +229,68 @@ def read_result(folder: Path, done: DoneRecord) -> tuple[list[SimilarityRow], di
             vectors = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DamagedResult(folder / FEATURES, f"malformed ({exc})") from exc
+    layers = _layers(done, vectors)
+    problem = _vectors_problem(vectors, layers)
+    if problem:
+        raise DamagedResult(folder / FEATURES, problem)
+    problem = _rows_problem(rows, done.subject_id, layers)
+    if problem:
+        raise DamagedResult(folder / SIMILARITIES, problem)
     return rows, vectors
+
+
+def _done_problem(done: DoneRecord) -> str:
+    """What is wrong with a ``done.json``'s content ('' when nothing)."""
+    if not isinstance(done.extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in done.extra.items()):
+        return "its 'extra' is not a mapping of column names to text"
+    if set(done.regions) != set(REGIONS):
+        return f"its 'regions' holds {sorted(done.regions)}, not the three regions {list(REGIONS)}"
+    if done.side not in (None, "L", "R"):
+        return f"its 'side' is {done.side!r}, not L, R or empty"
+    for region, stats in done.regions.items():
+        values = dataclasses.astuple(stats)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return f"its statistics of {region} are not numbers"
+    return ""
+
+
+def _layers(done: DoneRecord, vectors: dict[str, np.ndarray]) -> list[str]:
+    """The layers the subject's settings hooked (those of its vectors for an older record)."""
+    layers = done.config.get("layers") if isinstance(done.config, dict) else None
+    if isinstance(layers, list) and layers:
+        return [str(layer) for layer in layers]
+    return sorted({key.partition(".")[2] for key in vectors})
+
+
+def _vectors_problem(vectors: dict[str, np.ndarray], layers: list[str]) -> str:
+    """What is wrong with a subject's vectors against the schema ('' when nothing)."""
+    expected = {f"{region}.{layer}" for region in REGIONS for layer in layers}
+    if set(vectors) != expected:
+        wrong = sorted(set(vectors) ^ expected)
+        return f"holds arrays {sorted(vectors)}; expected <region>.<layer> for {layers} ({wrong[:3]} differ)"
+    for key, vector in vectors.items():
+        width = LAYER_WIDTH.get(key.partition(".")[2])
+        if vector.ndim != 1 or vector.dtype.kind != "f" or vector.shape[0] != width:
+            return (f"array {key} is {vector.dtype} of shape {vector.shape}, not a float vector "
+                    f"of {width} values")
+        if not np.isfinite(vector).all():
+            return f"array {key} holds NaN or infinite values"
+    return ""
+
+
+def _rows_problem(rows: list[SimilarityRow], subject_id: str, layers: list[str]) -> str:
+    """What is wrong with a subject's similarity rows ('' when nothing)."""
+    expected = {(layer, a, b) for layer in layers for a, b in PAIRS}
+    found = [(r.layer, r.region_a, r.region_b) for r in rows]
+    if sorted(found) != sorted(expected):
+        return f"holds {len(rows)} rows, not one per layer of {layers} and region pair"
+    for row in rows:
+        if row.subject_id != subject_id:
+            return f"a row is of subject {row.subject_id!r}, not {subject_id!r}"
+        if not -1.001 <= row.cosine <= 1.001:  # NaN fails too
+            return f"cosine {row.cosine!r} ({row.layer}, {row.region_a}-{row.region_b}) is not in [-1, 1]"
+    return ""
 
 
 def read_similarities(folder: Path) -> list[SimilarityRow]:

@@ -1,5 +1,10 @@
 """Tables ready for analysis: the features dataset as a wide subject x feature matrix
-(``feature_matrix``, ``kneebatch export --wide``), so nobody has to pivot and ``np.stack``."""
+(``feature_matrix``, ``kneebatch export --wide``), so nobody has to pivot and ``np.stack``.
+
+Each row says who it is (``scan_id``, ``side``; with ``with_extras`` the manifest's covariates
+too) in its first columns; the features follow. ``export`` writes what its file's extension says
+(``.parquet`` or ``.csv``), and never into a kneebatch output folder.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +17,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kneebatch.config import LAYERS, REGIONS, parse_choice
-from kneebatch.errors import OutputError
+from kneebatch.errors import ConfigError, OutputError
+from kneebatch.outdir.folder import BOOKKEEPING
+from kneebatch.schema import IDENTITY, PART, result_columns
+
+EXPORT_FORMATS = (".parquet", ".csv")
 
 
-def feature_matrix(out: Path | str, layer: str | None = None,
-                   region: str | None = None) -> pd.DataFrame:
-    """One row per subject, one float32 column per feature.
+def feature_matrix(out: Path | str, layer: str | None = None, region: str | None = None, *,
+                   with_extras: bool = False) -> pd.DataFrame:
+    """One row per subject: who it is, then one float32 column per feature.
 
     Args:
         out: a run's output folder (or a ``kneebatch merge`` folder).
         layer: only this layer (e.g. ``denseblock4``); default every layer of the run.
         region: only this region (``tibia``, ``femur``, ``background``); default all three.
+        with_extras: add the manifest's extra columns (covariates) after ``scan_id`` and ``side``.
 
     Returns:
-        A DataFrame indexed by ``subject_id`` (sorted) with columns ``<region>.<layer>.<i>``,
-        regions and layers in network order.
+        A DataFrame indexed by ``subject_id`` (sorted): columns ``scan_id``, ``side``, the
+        covariates (with ``with_extras``), then ``<region>.<layer>.<i>``, regions and layers in
+        network order. ``matrix.drop(columns=["scan_id", "side"])`` is the features alone.
 
     Raises:
         ConfigError: an unknown layer or region.
@@ -57,17 +68,49 @@ def feature_matrix(out: Path | str, layer: str | None = None,
         columns = [f"{r}.{lay}.{i}" for i in range(matrix.shape[1])]
         index = pd.Index(part["subject_id"].to_pylist(), name="subject_id")
         blocks.append(pd.DataFrame(matrix, index=index, columns=columns))
-    return pd.concat(blocks, axis=1).sort_index()
+    return pd.concat([_who(Path(out), with_extras), *blocks], axis=1, join="inner").sort_index()
 
 
-def export_wide(out: Path, target: Path, layer: str | None = None,
-                region: str | None = None) -> pd.DataFrame:
-    """Write ``feature_matrix`` to ``target`` (``.parquet``, or ``.csv``) via a temporary file.
+def _who(out: Path, with_extras: bool) -> pd.DataFrame:
+    """``scan_id``, ``side`` (and the covariates) of each subject, indexed by ``subject_id``."""
+    sims = pq.read_schema(out / "similarities" / PART)
+    extras = [c for c in sims.names if c not in result_columns("similarities")]
+    columns = ["subject_id", *IDENTITY[1:], *(extras if with_extras else [])]
+    who = pq.read_table(out / "similarities", columns=columns).to_pandas()
+    return who.drop_duplicates("subject_id").set_index("subject_id")
+
+
+def check_export_target(target: Path) -> None:
+    """Refuse a target kneebatch cannot write as its extension says, or one inside an output
+    folder (it would replace a dataset, or become a file kneebatch refuses as not its own).
+
+    Raises:
+        ConfigError: naming what to choose instead.
+    """
+    if target.suffix.lower() not in EXPORT_FORMATS:
+        raise ConfigError(f"Cannot export to {target}: kneebatch writes {' or '.join(EXPORT_FORMATS)}"
+                          f" files; give --wide a name ending in one of them (e.g. "
+                          f"{target.with_suffix('.parquet').name}).")
+    resolved = target.resolve()
+    for folder in resolved.parents:
+        if (folder / BOOKKEEPING).is_dir():
+            raise ConfigError(f"Cannot export to {target}: it is inside the kneebatch output "
+                              f"folder {folder}, whose files are kneebatch's own. Write it "
+                              "outside, e.g. next to that folder.")
+
+
+def export_wide(out: Path, target: Path, layer: str | None = None, region: str | None = None,
+                *, with_extras: bool = False) -> pd.DataFrame:
+    """Write ``feature_matrix`` to ``target`` (``.parquet`` or ``.csv``) via a temporary file.
 
     Returns:
         The matrix written.
+
+    Raises:
+        ConfigError: see ``check_export_target``.
     """
-    matrix = feature_matrix(out, layer, region)
+    check_export_target(target)
+    matrix = feature_matrix(out, layer, region, with_extras=with_extras)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         if target.suffix.lower() == ".csv":

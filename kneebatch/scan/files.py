@@ -19,8 +19,6 @@ from kneebatch.errors import InputImageError
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.scan.timeout import call_with_timeout
 
-READ_TIMEOUT_S = 300.0  # a file that gives no answer for this long fails its subject (--read-timeout)
-
 
 def input_error(spec: SubjectSpec, role: str, path: Path, problem: str, fix: str) -> InputImageError:
     """The error for one input file: subject, role, path, what is wrong, what to do."""

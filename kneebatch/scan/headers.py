@@ -7,9 +7,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from kneebatch.config import ExtractionConfig
+from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.inputs.manifest import SubjectSpec
-from kneebatch.scan.files import READ_TIMEOUT_S, check_file, check_volume, input_error, timed
+from kneebatch.scan.files import check_file, check_volume, input_error, timed
 from kneebatch.scan.geometry import Header, mismatch, same_grid
 from kneebatch.scan.read import read_dicom_folder
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from kneebatch.config import READ_TIMEOUT_S
 from kneebatch.inputs.labels import BACKGROUND, value_counts
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.scan.bilateral import labelled_on_both_sides
-from kneebatch.scan.files import READ_TIMEOUT_S
 from kneebatch.scan.read import read_mask
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from kneebatch.config import ExtractionConfig
+from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.scan.bilateral import take_leg
-from kneebatch.scan.files import READ_TIMEOUT_S, check_file, check_volume, input_error, timed
+from kneebatch.scan.files import check_file, check_volume, input_error, timed
 from kneebatch.scan.geometry import match_mask_grid
 from kneebatch.scan.orient import axis_aligned
 

@@ -65,9 +65,8 @@ def test_a_cohort_gives_parquet_per_subject_files_and_a_failure_list(first_run: 
     record = json.loads((first_run / "run.json").read_text())
     assert record["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "changed": 0}
     assert record["parquet"] == {"subjects": 4, "failures": 1, "pending": 0, "left_out_folders": 0,
-                                 "kept_previous": False,
                                  "extra_types": {"age": "int64", "site": "string"}}
-    assert record["schema_version"] == meta["schema_version"] == 2
+    assert record["schema_version"] == meta["schema_version"] == 3
     assert sims["age"].dtype == np.int64 and pd.api.types.is_string_dtype(sims["site"])
     assert record["weights"] == "random:seed=0" and record["stopped"] is False
     assert {"read", "preprocess", "forward.background", "write"} <= set(record["stage_seconds"])
@@ -260,7 +259,7 @@ def test_merge_of_shard_folders_equals_one_run_and_refuses_mixtures(
     assert pd.read_csv(merged / "failures.csv")["subject_id"].tolist() == ["broken"]
     record = json.loads((merged / "run.json").read_text())
     assert record["sources"] == [str(h.resolve()) for h in halves]
-    assert record["schema_version"] == 2
+    assert record["schema_version"] == 3
     capsys.readouterr()
     # a subject in two folders, other settings, and a run into the merged folder are refused
     assert main(["merge", str(first_run), str(halves[0]), "--out", str(tmp_path / "x")]) == 2

@@ -88,5 +88,6 @@ def test_every_output_column_is_refused_with_the_rename_advice(tmp_path: Path, c
 def test_reserved_names_are_the_output_schema_columns() -> None:
     from kneebatch.schema import DATASETS, RESERVED, result_columns
 
-    written = {c for name in DATASETS for c in result_columns(name)} - {"subject_id"}
-    assert written <= set(RESERVED) and "subject_id" not in RESERVED
+    written = {c for name in DATASETS for c in result_columns(name)} - {"subject_id", "side"}
+    assert written <= set(RESERVED) and not {"subject_id", "side"} & set(RESERVED)
+    assert "scan_id" in RESERVED
