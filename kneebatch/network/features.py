@@ -26,10 +26,32 @@ _copies: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.memory_format, to
 _copies_lock = threading.Lock()
 
 
+class Float32Pool(nn.Module):
+    """An average pooling run in float32 for a bfloat16 network: torch's CPU ``avg_pool3d`` has no
+    bfloat16 kernel (in either memory format)."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x.to(torch.float32)).to(x.dtype)
+
+
+def _float32_pools(module: nn.Module) -> None:
+    """Wrap every average pooling of ``module`` in ``Float32Pool`` (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.AvgPool3d):
+            setattr(module, name, Float32Pool(child))
+        else:
+            _float32_pools(child)
+
+
 def network_in(network: nn.Module, memory_format: torch.memory_format,
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """``network`` with its weights in ``memory_format`` and ``dtype``: the network itself when it
-    already is, else a copy made once and kept beside it (the cached model is never changed)."""
+    already is, else a copy made once and kept beside it (the cached model is never changed). A
+    bfloat16 copy pools in float32 (``Float32Pool``)."""
     first_conv = next(m for m in network.modules() if isinstance(m, nn.Conv3d)
                       and m.in_channels > 1 and m.kernel_size != (1, 1, 1))
     if (first_conv.weight.is_contiguous(memory_format=memory_format)
@@ -38,8 +60,10 @@ def network_in(network: nn.Module, memory_format: torch.memory_format,
     with _copies_lock:
         copies = _copies.setdefault(network, {})
         if (memory_format, dtype) not in copies:
-            copies[(memory_format, dtype)] = copy.deepcopy(network).to(dtype).to(
-                memory_format=memory_format)
+            converted = copy.deepcopy(network).to(dtype).to(memory_format=memory_format)
+            if dtype == torch.bfloat16:
+                _float32_pools(converted)
+            copies[(memory_format, dtype)] = converted
         return copies[(memory_format, dtype)]
 
 

@@ -8,6 +8,7 @@ for debugging. Precision (``--precision``) does change the numbers, so it is an 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +45,10 @@ class ForwardOptions:
 FAST = ForwardOptions()  # the default
 
 
+# Tests only: run ``--precision bf16`` where the CPU lacks it (emulated: slow, same numbers).
+EMULATED_BF16_ENV = "KNEEBATCH_TEST_EMULATED_BF16"
+
+
 def bf16_supported() -> bool:
     """True on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
     try:
@@ -61,7 +66,7 @@ def compute_dtype(precision: Precision) -> torch.dtype:
     """
     if precision != "bf16":
         return torch.float32
-    if not bf16_supported():
+    if not bf16_supported() and os.environ.get(EMULATED_BF16_ENV) != "1":
         raise ConfigError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or "
                           "AMX; see `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo`). This one "
                           "has none: drop --precision or run on such nodes.")

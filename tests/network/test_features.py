@@ -101,3 +101,34 @@ def test_conv_padding_reaches_every_convolution_but_conv0(model_path: Path) -> N
              if isinstance(m, torch.nn.Conv3d) and any(m.padding)}
     assert modes.pop("conv0") == "zeros"  # air, with the ImageNet fold
     assert len(modes) == 58 and set(modes.values()) == {"replicate"}
+
+
+def test_bf16_runs_in_bfloat16_and_stays_within_1e3_of_float32(
+        model_path: Path, knee: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision bf16 (emulated where the CPU lacks it) once crashed in avg_pool3d."""
+    import pandas as pd
+
+    from kneebatch.cli.main import main
+    from kneebatch.network.features import network_in
+    from kneebatch.network.options import EMULATED_BF16_ENV
+
+    monkeypatch.setenv(EMULATED_BF16_ENV, "1")
+    network = load_model(model_path).network
+    seen: list[torch.dtype] = []
+    copy = network_in(network, torch.channels_last_3d, torch.bfloat16)
+    handle = copy.denseblock3.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    volume = np.random.default_rng(0).normal(size=(40, 48, 48)).astype(np.float32)
+    try:
+        vectors, _ = extract_features(network, volume, ("denseblock3",), dtype=torch.bfloat16)
+    finally:
+        handle.remove()
+    assert seen == [torch.bfloat16] and vectors["denseblock3"].dtype == np.float32
+    cosines = {}
+    for precision in ("float32", "bf16"):
+        out = tmp_path / precision
+        assert main(["extract", "--ct", str(knee[0]), "--mask", str(knee[1]), "--subject-id",
+                     "k", "--out", str(out), "--model", str(model_path), "--spacing", "1.5",
+                     "--precision", precision]) == 0
+        cosines[precision] = pd.read_csv(out / "subjects" / "k" / "similarities.csv")["cosine"]
+    assert np.abs(cosines["bf16"] - cosines["float32"]).max() < 1e-3
