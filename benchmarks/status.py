@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gather import make_finished_out  # noqa: E402
+from gather import make_finished_out
 
 
 def main() -> int:
