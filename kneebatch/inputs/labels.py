@@ -52,10 +52,11 @@ class LabelMap:
 
     @classmethod
     def parse(cls, text: str, where: str = "") -> LabelMap:
-        """``"tibia=10,femur=20"`` (either part may be left out: it keeps its default).
+        """``"tibia=10,femur=20"``: both bones named (a map naming one would quietly keep the
+        default of the other).
 
         Raises:
-            ConfigError: an unknown region, a repeated region, a bad value.
+            ConfigError: an unknown, repeated or missing region, a bad value.
         """
         values: dict[str, tuple[int, ...]] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -68,6 +69,12 @@ class LabelMap:
             if name in values:
                 raise ConfigError(f"{where}label map {text!r} names {name} twice.")
             values[name] = parse_values(numbers, name, where)
+        missing = [name for name in _REGION if name not in values]
+        if missing:
+            given = ",".join(f"{k}={'+'.join(map(str, v))}" for k, v in values.items())
+            raise ConfigError(f"{where}label map {text!r} does not name {' or '.join(missing)}: "
+                              f"name both bones, e.g. --labels {given or 'tibia=10'},"
+                              f"{missing[0]}={'20' if missing[0] == 'femur' else '10'}.")
         return cls(**values)
 
     def override(self, tibia: str | None, femur: str | None, where: str = "") -> LabelMap:

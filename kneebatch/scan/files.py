@@ -100,15 +100,25 @@ def check_file(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -
         _check_nifti(spec, role, path, scan_values=scan_values)
 
 
+SPACING_MM = (0.05, 20.0)  # plausible voxel sizes of a knee CT; outside: a broken header
+
+
 def check_volume(spec: SubjectSpec, role: str, path: Path, size: tuple[int, ...],
-                  components: int) -> None:
-    """A 3D volume of at least 2 voxels per axis, one value per voxel."""
+                  components: int, spacing: tuple[float, ...] = (1.0,)) -> None:
+    """A 3D volume of at least 2 voxels per axis, one value per voxel, of a plausible voxel
+    size (a spacing of 1e-6 mm would make the anti-aliasing filter run for hours)."""
     if len(size) != 3 or min(size) < 2:
         raise input_error(spec, role, path, f"is a {len(size)}D image of size {size}, not a 3D volume",
                     "Give the whole 3D scan (one time point, at least 2 slices).")
     if components != 1:
         raise input_error(spec, role, path, f"has {components} components per voxel",
                     "Give a scalar (grey-value) image, not RGB or vector data.")
+    low, high = SPACING_MM
+    if not all(low <= s <= high for s in spacing):
+        shown = " x ".join(f"{s:g}" for s in spacing)
+        raise input_error(spec, role, path, f"has a voxel size of {shown} mm, outside "
+                          f"{low:g}-{high:g} mm", "Its header is probably wrong (pixdim, or "
+                          "spacing in m or um): fix it, e.g. with SimpleITK's SetSpacing.")
 
 
 def timed(fn: Any, spec: SubjectSpec, role: str, path: Path, timeout_s: float) -> Any:

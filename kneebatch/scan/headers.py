@@ -45,7 +45,7 @@ def _read_header(spec: SubjectSpec, role: str, path: Path) -> Header:
     size = reader.GetSize()
     if path.is_dir():
         size = (*size[:2], len(files))
-    check_volume(spec, role, path, size, reader.GetNumberOfComponents())
+    check_volume(spec, role, path, size, reader.GetNumberOfComponents(), reader.GetSpacing())
     return Header(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
                   sitk.GetPixelIDValueAsString(reader.GetPixelID()))
 

@@ -25,6 +25,13 @@ from kneebatch.scan.orient import axis_aligned
 
 log = logging.getLogger(__name__)
 
+# A mask is a label map: no value below LOWEST_LABEL (air in HU is -1000) and at most MAX_LABELS
+# distinct values in a strided sample; a CT with at most CT_MIN_VALUES there, none negative, is a
+# label map given as the CT.
+LOWEST_LABEL = -100
+MAX_LABELS = 100
+CT_MIN_VALUES = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Scan:
@@ -91,17 +98,36 @@ def _read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
         raise input_error(spec, role, path, f"cannot be read as an image ({first})",
                     "Give a NIfTI, NRRD, MHA file or a DICOM folder; if it is truncated, copy or "
                     "export it again.") from exc
-    check_volume(spec, role, path, image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    check_volume(spec, role, path, image.GetSize(), image.GetNumberOfComponentsPerPixel(),
+                 image.GetSpacing())
     return image
 
 
-def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
+def mask_values(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
+    """A mask's values as integers, checked to be a label map (``run`` and ``validate`` alike).
+
+    Raises:
+        InputImageError: fractions (a probability map), or values a CT has: HU of air (below
+            -100) or hundreds of distinct values (CT and mask swapped in the manifest?).
+    """
     values = sitk.GetArrayFromImage(mask)
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
             raise input_error(spec, "mask", spec.mask, "holds non-integer values (is it a probability "
                         "map?)", f"Give a label image: 0 background, {spec.labels}.")
         values = values.astype(np.int64)
+    sample = np.unique(values[::4, ::4, ::4])  # a strided look: a CT shows hundreds of values
+    if sample.size and (int(sample[0]) < LOWEST_LABEL or sample.size > MAX_LABELS):
+        raise input_error(
+            spec, "mask", spec.mask, f"looks like a CT, not a label mask: {sample.size} distinct "
+            f"values in a sample, from {int(sample[0])} to {int(sample[-1])}",
+            "Are the ct and mask columns swapped in this row? The mask holds 0 background and "
+            f"the bones' labels ({spec.labels}).")
+    return values
+
+
+def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
+    values = mask_values(spec, mask)
     labels, unknown = spec.labels.canonical(values)
     warnings = []
     if unknown:
@@ -118,12 +144,11 @@ def read_mask(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S
     (``validate``: masks are small to read).
 
     Raises:
-        InputImageError: the mask cannot be read (see ``read_image``).
+        InputImageError: the mask cannot be read (see ``read_image``) or is not a label map
+            (see ``mask_values``).
     """
     image = sitk.DICOMOrient(read_image(spec, "mask", spec.mask, timeout_s), "LPS")
-    values = sitk.GetArrayFromImage(image)
-    if not np.issubdtype(values.dtype, np.integer):
-        values = np.round(np.nan_to_num(values)).astype(np.int64)
+    values = mask_values(spec, image)
     sx, sy, sz = image.GetSpacing()
     return values, (sz, sy, sx)
 
@@ -157,6 +182,11 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
         bad = int(np.count_nonzero(~np.isfinite(ct_hu)))
         raise input_error(spec, "CT", spec.ct, f"holds {bad} NaN or infinite voxels",
                     "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
+    sample = np.unique(ct_hu[::4, ::4, ::4])
+    if sample.size <= CT_MIN_VALUES and sample.size and sample[0] >= 0:
+        raise input_error(spec, "CT", spec.ct, f"looks like a label mask, not a CT: "
+                          f"{sample.size} distinct values in a sample, none below 0",
+                          "Are the ct and mask columns swapped in this row?")
     labels, warnings = _mask_labels(spec, mask)
     if oblique:
         warnings.insert(0, oblique)

@@ -32,7 +32,7 @@ def _relabel(mask: Path, target: Path, mapping: dict[int, int], pixel: int = sit
 
 @pytest.mark.parametrize(("text", "tibia", "femur"), [
     ("tibia=10,femur=20", (10,), (20,)),
-    ("femur=75+76", (1,), (75, 76)),
+    ("tibia=1,femur=75+76", (1,), (75, 76)),
     (" tibia = 3 , femur=-1+258 ", (3,), (-1, 258)),
 ], ids=["both", "several-values", "spaces-and-negative"])
 def test_label_maps_parse(text: str, tibia: tuple[int, ...], femur: tuple[int, ...]) -> None:
@@ -42,8 +42,9 @@ def test_label_maps_parse(text: str, tibia: tuple[int, ...], femur: tuple[int, .
 
 
 @pytest.mark.parametrize("text", ["tibia=1,femur=1", "patella=3", "tibia=0", "tibia=x",
-                                  "tibia=1,tibia=2"],
-                         ids=["shared", "unknown-region", "background", "not-a-number", "twice"])
+                                  "tibia=1,tibia=2", "tibia=10", "femur=75+76"],
+                         ids=["shared", "unknown-region", "background", "not-a-number", "twice",
+                              "femur-missing", "tibia-missing"])
 def test_bad_label_maps_are_refused_with_a_hint(text: str) -> None:
     with pytest.raises(ConfigError, match=r"tibia|femur|label"):
         LabelMap.parse(text)
@@ -117,6 +118,6 @@ def test_validate_reads_mask_values_and_names_what_is_missing(
     assert lines["ok   good"]
     assert "no femur voxels" in lines["FAIL nofemur"]
     assert "no femur voxels" in lines["FAIL other"] and "300" in lines["FAIL other"]
-    assert main(["validate", str(manifest), "--labels", "femur=300"]) == 1
+    assert main(["validate", str(manifest), "--labels", "tibia=1,femur=300"]) == 1
     printed = capsys.readouterr().out
     assert "ok   other" in printed and "FAIL good" in printed

@@ -227,3 +227,45 @@ def test_an_oblique_scan_is_resampled_onto_an_axis_aligned_grid(tmp_path: Path) 
     assert angle < 2.0, f"the tilted scan's bones are {angle:.1f} degrees off"
     warnings = load_scan(_spec(*paths["tilted"], "R"), ExtractionConfig()).warnings
     assert any("oblique (20.0 degrees" in w for w in warnings)
+
+
+@pytest.mark.parametrize("spacing", [1e-6, 50.0])
+def test_an_implausible_voxel_size_is_refused_at_the_header(tmp_path: Path,
+                                                            spacing: float) -> None:
+    from kneebatch.scan.headers import check_headers
+
+    ct, mask = _phantom()
+    for image in (ct, mask):
+        image.SetSpacing((spacing, 1.0, 1.0))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    spec = _spec(tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz")
+    for check in (check_headers, load_scan):
+        with pytest.raises(InputImageError, match=r"voxel size of .* mm, outside 0.05-20 mm"):
+            check(spec, CONFIG)
+
+
+def test_ct_and_mask_swapped_are_refused_by_run_and_validate(tmp_path: Path) -> None:
+    from kneebatch.scan.preflight import check_mask
+
+    ct, mask = _phantom()
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    swapped = _spec(tmp_path / "mask.nii.gz", tmp_path / "ct.nii.gz")
+    with pytest.raises(InputImageError, match="swapped"):
+        load_scan(swapped, CONFIG)
+    with pytest.raises(InputImageError, match="looks like a CT"):
+        check_mask(swapped)
+
+
+def test_validate_and_run_agree_on_a_mask_of_almost_integers(tmp_path: Path) -> None:
+    from kneebatch.scan.preflight import check_mask
+
+    ct, mask = _phantom()
+    nearly = sitk.Cast(mask, sitk.sitkFloat32) * 1.0000001
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(nearly, str(tmp_path / "mask.nii.gz"))
+    spec = _spec(tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz")
+    for check in (lambda: load_scan(spec, CONFIG), lambda: check_mask(spec)):
+        with pytest.raises(InputImageError, match="non-integer"):
+            check()
