@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # distinct values in a strided sample; a CT with at most CT_MIN_VALUES there, none negative, is a
 # label map given as the CT.
 LOWEST_LABEL = -100
-MAX_LABELS = 100
+MAX_LABELS = 255  # room for multi-label segmentations; a CT sample holds thousands
 CT_MIN_VALUES = 16
 
 
