@@ -258,7 +258,8 @@ def run_cohort(
         out, s.subject_id, keys[s.subject_id],
         functools.partial(legacy_key, s, config_hash, info.sha256)) for s in mine}
     todo = [s for s in mine if overwrite or states[s.subject_id] is not State.FINISHED]
-    updated = _covariates_updated(out, [s for s in mine if s not in todo], previous)
+    kept = [s for s in mine if not overwrite and states[s.subject_id] is State.FINISHED]
+    updated = _covariates_updated(out, kept, previous)
     if updated:
         log.info("covariates updated for %d finished subject(s): joined at gather, no knee "
                  "recomputed", updated)

@@ -28,9 +28,10 @@ def _is_int(value: str) -> bool:
 
 def _is_float(value: str) -> bool:
     try:
-        return math.isfinite(float(value)) or value.lower().lstrip("+-") in ("nan", "inf")
+        float(value)
     except ValueError:
         return False
+    return True
 
 
 def _fits(value: str, kind: str) -> bool:
@@ -106,11 +107,6 @@ def column_types(rows: Iterable[tuple[str, dict[str, str]]],
                                   f"{name}=string.")
         types[name] = kind
     return types
-
-
-def infer_types(rows: Iterable[dict[str, str]]) -> dict[str, str]:
-    """Column -> inferred type over the extra values of many subjects."""
-    return column_types(("", extra) for extra in rows)
 
 
 def convert(value: str | None, kind: str) -> object:

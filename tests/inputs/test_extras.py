@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kneebatch.inputs.extras import convert, infer_type, infer_types
+from kneebatch.inputs.extras import column_types, convert, infer_type
 
 
 @pytest.mark.parametrize(("values", "kind"), [
@@ -21,6 +21,6 @@ def test_infer_type(values: list[str | None], kind: str) -> None:
 
 def test_infer_types_looks_at_every_row_and_convert_follows() -> None:
     rows = [{"age": "47", "site": "A"}, {"age": "", "site": "B"}, {"age": "52.5"}]
-    assert infer_types(rows) == {"age": "float64", "site": "string"}
+    assert column_types(("", r) for r in rows) == {"age": "float64", "site": "string"}
     assert [convert(r.get("age"), "float64") for r in rows] == [47.0, None, 52.5]
     assert convert("TRUE", "bool") is True and convert(" 7 ", "int64") == 7
