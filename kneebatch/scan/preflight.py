@@ -9,8 +9,9 @@ import dataclasses
 from kneebatch.config import READ_TIMEOUT_S
 from kneebatch.inputs.labels import BACKGROUND, value_counts
 from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.scan.anatomy import check_anatomy
 from kneebatch.scan.bilateral import labelled_on_both_sides
-from kneebatch.scan.read import read_mask
+from kneebatch.scan.read import ANATOMY_FIX, read_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +19,8 @@ class MaskCheck:
     """What a mask holds, against the subject's label map.
 
     Attributes:
-        problems: what would fail the subject (a bone with no voxels).
-        notes: what the run would warn about (values of no region).
+        problems: what would fail the subject (a bone with no voxels, femur below tibia).
+        notes: what the run would warn about (values of no region, side, bone size).
     """
 
     problems: tuple[str, ...]
@@ -37,7 +38,7 @@ def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> Mas
     Raises:
         InputImageError: the mask cannot be read.
     """
-    mask, spacing_mm = read_mask(spec, read_timeout_s)
+    mask, image = read_mask(spec, read_timeout_s)
     counts = value_counts(mask)
     problems = []
     for region in ("tibia", "femur"):
@@ -51,8 +52,13 @@ def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> Mas
     known = {BACKGROUND, *spec.labels.tibia, *spec.labels.femur}
     other = {v: n for v, n in counts.items() if v not in known}
     notes = [f"values {_listing(other)} belong to no region (air in all three)"] if other else []
+    if not problems:
+        anatomy = check_anatomy(image, spec.labels.canonical(mask)[0], spec.side, spec.bilateral)
+        if anatomy.problem:
+            problems.append(f"mask {spec.mask}: {anatomy.problem}. {ANATOMY_FIX}")
+        notes.extend(anatomy.warnings)
     if spec.side in ("L", "R", None) and not spec.bilateral and labelled_on_both_sides(
-            mask, spacing_mm[2]):
+            mask, image.GetSpacing()[0]):
         notes.append(f"the mask labels bones in both legs, but side is {spec.side or 'empty'}: a "
                      "bilateral scan? Give side 'both' to split it into two knees")
     return MaskCheck(tuple(problems), tuple(notes))

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import SubjectSpec
+from kneebatch.scan.anatomy import check_anatomy
 from kneebatch.scan.bilateral import take_leg
 from kneebatch.scan.files import check_file, check_volume, input_error, timed
 from kneebatch.scan.geometry import match_mask_grid
@@ -126,7 +127,17 @@ def mask_values(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
     return values
 
 
+ANATOMY_FIX = ("Give the right values with --labels tibia=V,femur=V or the manifest's tibia_label "
+               "/ femur_label columns; if the labels are right, the file's orientation header is "
+               "wrong: fix it")
+
+
 def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
+    """The mask in kneebatch's labels, checked against the anatomy, and what to warn about.
+
+    Raises:
+        InputImageError: not a label map (``mask_values``), or the femur lies below the tibia.
+    """
     values = mask_values(spec, mask)
     labels, unknown = spec.labels.canonical(values)
     warnings = []
@@ -134,23 +145,26 @@ def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[
         shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
         warnings.append(f"mask {spec.mask} holds labels {shown} besides 0 and {spec.labels}; "
                         "those voxels belong to no region (set to air in all three)")
-        log.warning("Subject %s: %s", spec.subject_id, warnings[-1])
+    anatomy = check_anatomy(mask, labels, spec.side, spec.bilateral)
+    if anatomy.problem:
+        raise input_error(spec, "mask", spec.mask, anatomy.problem, ANATOMY_FIX + ".")
+    warnings.extend(anatomy.warnings)
+    for warning in warnings:
+        log.warning("Subject %s: %s", spec.subject_id, warning)
     return labels, warnings
 
 
 def read_mask(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S
-              ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The subject's mask as read (values not mapped), in LPS, (z, y, x), with its spacing
-    (``validate``: masks are small to read).
+              ) -> tuple[np.ndarray, sitk.Image]:
+    """The subject's mask as read (values not mapped), in LPS, (z, y, x), and its image (for the
+    header; ``validate``: masks are small to read).
 
     Raises:
         InputImageError: the mask cannot be read (see ``read_image``) or is not a label map
             (see ``mask_values``).
     """
     image = sitk.DICOMOrient(read_image(spec, "mask", spec.mask, timeout_s), "LPS")
-    values = mask_values(spec, image)
-    sx, sy, sz = image.GetSpacing()
-    return values, (sz, sy, sx)
+    return mask_values(spec, image), image
 
 
 def load_scan(spec: SubjectSpec, config: ExtractionConfig,
