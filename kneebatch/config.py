@@ -27,6 +27,7 @@ LAYERS = (
 LAYER_WIDTH = {"denseblock1": 256, "transition1": 128, "denseblock2": 512, "transition2": 256,
                "denseblock3": 1024, "transition3": 512, "denseblock4": 1024, "norm5": 1024}
 READ_TIMEOUT_S = 300.0  # a file that gives no answer for this long fails its subject (--read-timeout)
+SUBJECT_TIMEOUT_S = 3600.0  # a subject still computing after this long fails (--subject-timeout)
 DEFAULT_LAYERS = ("denseblock2", "denseblock3", "denseblock4")
 Precision = Literal["float32", "bf16"]
 InputNorm = Literal["imagenet", "grey"]
@@ -88,6 +89,8 @@ class ExtractionConfig:
             (target - native) / 2 mm, as scikit-image's ``resize``).
         margin_mm: margin around each crop box.
         body_threshold_hu, body_min_fraction: what counts as the body for the background crop.
+        body_thin_mm: structures thinner than this (the couch, blankets, cables) are not body,
+            even where they touch the skin (a morphological opening); 0 keeps them.
         min_size: every axis is padded with air to at least this many voxels.
         layers: hooked layers, in network order.
         resample_mask: put the mask on the CT grid (nearest neighbour) instead of refusing a
@@ -109,6 +112,7 @@ class ExtractionConfig:
     margin_mm: float = 10.0
     body_threshold_hu: float = -500.0
     body_min_fraction: float = 0.1
+    body_thin_mm: float = 8.0
     min_size: int = 32
     layers: tuple[str, ...] = DEFAULT_LAYERS
     resample_mask: bool = False
@@ -120,8 +124,9 @@ class ExtractionConfig:
                               f"{self.spacing_mm!r}.")
         if not self.hu_min < self.hu_max:
             raise ConfigError(f"HU window [{self.hu_min}, {self.hu_max}] is empty.")
-        if self.min_size < 1 or self.margin_mm < 0 or self.std <= 0:
-            raise ConfigError("min_size must be >= 1, margin_mm >= 0 and std > 0.")
+        if self.min_size < 1 or self.margin_mm < 0 or self.std <= 0 or self.body_thin_mm < 0:
+            raise ConfigError("min_size must be >= 1, margin_mm >= 0, body_thin_mm >= 0 and "
+                              "std > 0.")
         if not self.layers:
             raise ConfigError(f"Choose at least one layer from {', '.join(LAYERS)}.")
         for layer in self.layers:

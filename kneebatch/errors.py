@@ -72,3 +72,10 @@ class MemoryLimitError(KneebatchError):
 
     stage = "memory"
     subject_failure = True
+
+
+class SubjectTimeoutError(KneebatchError):
+    """A subject still computing after ``--subject-timeout`` seconds."""
+
+    stage = "timeout"
+    subject_failure = True

@@ -86,10 +86,21 @@ def add_labels(parser: argparse.ArgumentParser) -> None:
                              "A manifest's tibia_label / femur_label columns override it per row")
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def add_read_timeout(parser: argparse.ArgumentParser) -> None:
     from kneebatch.config import READ_TIMEOUT_S
 
-    parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
+    parser.add_argument("--read-timeout", type=positive_seconds, default=READ_TIMEOUT_S, metavar="S",
                         help="a CT or mask that gives no answer for S seconds (a hung network "
                              "mount) fails its subject at stage read (default: %(default)g)")
 

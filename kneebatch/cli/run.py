@@ -23,8 +23,9 @@ from kneebatch.cli.options import (
     config_from_args,
     forward_from_args,
     model_file,
+    positive_seconds,
 )
-from kneebatch.config import PAIRS
+from kneebatch.config import PAIRS, SUBJECT_TIMEOUT_S
 
 log = logging.getLogger("kneebatch")
 
@@ -52,7 +53,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _route_dask_logging(args.debug)
     options = RunOptions(config=config, labels=args.labels, overwrite=args.overwrite,
                          part=args.shard, qc=args.qc, gather_results=not args.no_gather,
-                         read_timeout_s=args.read_timeout, forward=forward_from_args(args),
+                         read_timeout_s=args.read_timeout,
+                         subject_timeout_s=args.subject_timeout, forward=forward_from_args(args),
                          column_types=parse_column_types(args.column_types))
     summary = run_cohort(args.manifest, args.out, model_path, options,
                          cluster=cluster_spec_from_args(args), on_start=progress.start,
@@ -161,6 +163,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "mrn=string,age=float64 (int64, float64, bool, string); undeclared "
                         "columns are inferred, values with leading zeros stay text")
     add_read_timeout(p)
+    p.add_argument("--subject-timeout", type=positive_seconds, default=SUBJECT_TIMEOUT_S,
+                   metavar="S", help="a subject still computing after S seconds fails at stage "
+                   "timeout, checked between its stages (default: %(default)g; a clinical knee "
+                   "takes seconds to a minute)")
     add_plain_forward(p)
     add_labels(p)
     add_config_options(p)

@@ -25,7 +25,7 @@ from kneebatch.cohort.cluster import ClusterSpec, Connection, open_client, subje
 from kneebatch.cohort.outcome import SubjectOutcome
 from kneebatch.cohort.scheduling import consume
 from kneebatch.cohort.task import process_subject
-from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
+from kneebatch.config import READ_TIMEOUT_S, SUBJECT_TIMEOUT_S, ExtractionConfig
 from kneebatch.errors import ConfigError
 from kneebatch.inputs.extras import column_types
 from kneebatch.inputs.labels import LabelMap
@@ -69,6 +69,7 @@ class RunOptions:
         gather_results: build the Parquet datasets and run.json at the end (array shards leave
             it to one ``kneebatch gather`` after all of them).
         read_timeout_s: a file that gives no answer for this long fails its subject.
+        subject_timeout_s: a subject still computing after this long fails (stage ``timeout``).
         forward: the forward pass's fast-path switches (``ForwardOptions.plain()`` to debug).
         column_types: declared types of the manifest's extra columns (``--column-types``); the
             others are inferred.
@@ -81,6 +82,7 @@ class RunOptions:
     qc: bool = False
     gather_results: bool = True
     read_timeout_s: float = READ_TIMEOUT_S
+    subject_timeout_s: float = SUBJECT_TIMEOUT_S
     forward: ForwardOptions = FAST
     column_types: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -88,7 +90,8 @@ class RunOptions:
         """JSON-ready, for run.json (the extraction settings are recorded beside it, in full)."""
         return {"labels": str(self.labels or LabelMap()), "overwrite": self.overwrite,
                 "part": self.part, "qc": self.qc, "gather_results": self.gather_results,
-                "read_timeout_s": self.read_timeout_s, "forward": self.forward.to_dict(),
+                "read_timeout_s": self.read_timeout_s,
+                "subject_timeout_s": self.subject_timeout_s, "forward": self.forward.to_dict(),
                 "column_types": dict(self.column_types)}
 
 
@@ -152,6 +155,7 @@ def _run_one(spec: SubjectSpec, options: RunOptions, model_path: Path, out: Path
     return process_subject(spec, options.config, model_path, out, run_id=run_id,
                            memory_limit_bytes=limit or None, qc=options.qc,
                            overwrite=options.overwrite, read_timeout_s=options.read_timeout_s,
+                           subject_timeout_s=options.subject_timeout_s,
                            options=options.forward)
 
 

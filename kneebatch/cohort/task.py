@@ -87,6 +87,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
                     out: Path, *, run_id: str, memory_limit_bytes: int | None = None,
                     qc: bool = False, overwrite: bool = False,
                     read_timeout_s: float = READ_TIMEOUT_S,
+                    subject_timeout_s: float | None = None,
                     options: ForwardOptions = FAST) -> SubjectOutcome:
     """Compute one subject and write ``OUT/subjects/<id>/``; never raises for a bad subject.
 
@@ -106,12 +107,14 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
         qc: also write ``qc.png``.
         overwrite: recompute even a finished result.
         read_timeout_s: a file that gives no answer for this long fails the subject (``read``).
+        subject_timeout_s: a subject still computing after this long fails (``timeout``; checked
+            between stages, see ``Stage``).
         options: the forward pass's fast-path switches (recorded in ``done.json``).
 
     Returns:
         The outcome; for ``failed``, the error message and the stage it happened in.
     """
-    stage = Stage("model")
+    stage = Stage("model", subject_timeout_s, spec.subject_id)
     start = time.perf_counter()
     try:
         info = model_info(model_path)  # the key needs the file's sha256, not the network

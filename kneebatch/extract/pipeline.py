@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from kneebatch.config import READ_TIMEOUT_S, REGIONS, ExtractionConfig
+from kneebatch.errors import SubjectTimeoutError
 from kneebatch.extract.similarity import similarities
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.features import extract_features
@@ -31,16 +32,31 @@ log = logging.getLogger(__name__)
 
 
 class Stage:
-    """The stage a subject is in, kept after an error so its failure report can name it.
+    """The stage a subject is in, kept after an error so its failure report can name it, and its
+    time limit.
 
-    ``with stage("read"): ...`` marks a stage; the last one entered stays current.
+    ``with stage("read"): ...`` marks a stage; the last one entered stays current. With a
+    ``limit_s``, entering a stage after that many seconds (counted from the ``Stage``'s creation)
+    raises ``SubjectTimeoutError``: the limit is checked between stages, so a stage that is
+    already running finishes first.
     """
 
-    def __init__(self, name: str = "model") -> None:
+    def __init__(self, name: str = "model", limit_s: float | None = None,
+                 subject_id: str = "") -> None:
         self.current = name
+        self.limit_s = limit_s
+        self.subject_id = subject_id
+        self.started = time.monotonic()
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        elapsed = time.monotonic() - self.started
+        if self.limit_s is not None and elapsed > self.limit_s:
+            raise SubjectTimeoutError(
+                f"Subject {self.subject_id}: still computing after {elapsed:.3g} s, over the "
+                f"--subject-timeout of {self.limit_s:g} s (stopped after stage {self.current}, "
+                f"before {name}). Look at its inputs' size and spacing (kneebatch validate), or "
+                "raise --subject-timeout.")
         self.current = name
         yield
 
@@ -127,7 +143,7 @@ def forward_subject(spec: SubjectSpec, prepared: Prepared, config: ExtractionCon
             del volume, members
             log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
                       timings[f"forward.{region}"])
-    with stage("similarity"):
+    with stage("similarity"):  # also the time limit's check after the last region
         rows = similarities(spec.subject_id, vectors, config.layers)
     return SubjectResult(
         subject_id=spec.subject_id,

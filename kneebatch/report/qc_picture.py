@@ -1,8 +1,10 @@
 """Report stage, per subject: a QC picture of what the network was fed.
 
 Axial, coronal and sagittal slices through the knee on the resampled grid, after reorientation and
-mirroring, CT in a bone window, tibia and femur in two colours, the three crop boxes drawn. A left
-knee therefore looks like a right knee, and a wrong side or swapped labels show at a glance.
+mirroring, CT in a bone window, the three regions as the network is fed them filled in translucent
+colours (tibia, femur, and the background: label 0 inside the body, so a couch left in it shows),
+the three crop boxes drawn. A left knee therefore looks like a right knee, and a wrong side or
+swapped labels show at a glance.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from kneebatch.config import REGIONS
 from kneebatch.inputs.labels import FEMUR, TIBIA
 from kneebatch.outdir.atomic import write_bytes_atomic
 from kneebatch.scan.regions import Regions
 
 BONE_WINDOW_HU = (-400.0, 1400.0)
+TINT = {"tibia": 0.45, "femur": 0.45, "background": 0.3}  # colour weight of each region's fill
 COLOURS = {"tibia": (0.12, 0.47, 0.96), "femur": (1.0, 0.55, 0.0), "background": (0.2, 0.8, 0.3)}
 VIEWS = ("axial", "coronal", "sagittal")
 JOINT_SLICES = 15  # the axial view is at most this many slices from the joint line
@@ -49,17 +53,18 @@ def _slices(volume: np.ndarray, centre: tuple[int, int, int]) -> dict[str, np.nd
 
 
 def qc_panels(regions: Regions) -> dict[str, np.ndarray]:
-    """RGB images (float, 0-1) of the three views with the label overlay (no boxes, no text)."""
+    """RGB images (float, 0-1) of the three views, each region's voxels filled in its colour
+    (no boxes, no text)."""
     low, high = BONE_WINDOW_HU
     gray = np.clip((regions.grid_hu - low) / (high - low), 0, 1)
     centre = _centre(regions.grid_mask)
+    fills = {name: _slices(regions.members(name), centre) for name in REGIONS}
     panels = {}
-    labels = _slices(regions.grid_mask, centre)
     for view, image in _slices(gray, centre).items():
         rgb = np.repeat(image[..., None], 3, axis=2)
-        for name, label in (("tibia", TIBIA), ("femur", FEMUR)):
-            hit = labels[view] == label
-            rgb[hit] = 0.55 * rgb[hit] + 0.45 * np.array(COLOURS[name])
+        for name in REGIONS:
+            hit = fills[name][view]
+            rgb[hit] = (1 - TINT[name]) * rgb[hit] + TINT[name] * np.array(COLOURS[name])
         panels[view] = rgb
     return panels
 

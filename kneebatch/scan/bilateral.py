@@ -2,7 +2,7 @@
 
 The scan is split at the widest gap between the legs along the left-right axis: the body (the
 components above ``body_threshold_hu`` holding at least ``body_min_fraction`` of the largest one,
-as the background crop finds it; couch and specks go) projected onto x, on a coarse copy of the
+as the background region finds it; couch and specks go) projected onto x, on a coarse copy of the
 scan. A scan whose legs touch or overlap along x cannot be split and fails with the reason.
 """
 
@@ -19,22 +19,23 @@ SUFFIXES = {"L": "_L", "R": "_R"}
 
 
 def _occupied_columns(ct_hu: np.ndarray, spacing_mm: tuple[float, float, float],
-                      threshold_hu: float, min_fraction: float) -> np.ndarray:
+                      threshold_hu: float, min_fraction: float, thin_mm: float) -> np.ndarray:
     """Which x columns (native indices) hold body, from a coarse copy."""
     steps = [max(1, int(COARSE_MM // s)) for s in spacing_mm]
     coarse = ct_hu[::steps[0], ::steps[1], ::steps[2]]
-    columns = body_mask(coarse, threshold_hu, min_fraction).any(axis=(0, 1))
+    coarse_mm = tuple(s * n for s, n in zip(spacing_mm, steps, strict=True))
+    columns = body_mask(coarse, threshold_hu, min_fraction, coarse_mm, thin_mm).any(axis=(0, 1))
     return np.repeat(columns, steps[2])[:ct_hu.shape[2]]
 
 
 def split_x(subject_id: str, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float],
-            threshold_hu: float, min_fraction: float) -> int:
+            threshold_hu: float, min_fraction: float, thin_mm: float = 0.0) -> int:
     """The x index (LPS: patient's right below it, left from it on) between the two legs.
 
     Raises:
         RegionError: no gap between the legs along x (one leg, or legs that touch).
     """
-    columns = _occupied_columns(ct_hu, spacing_mm, threshold_hu, min_fraction)
+    columns = _occupied_columns(ct_hu, spacing_mm, threshold_hu, min_fraction, thin_mm)
     filled = np.flatnonzero(columns)
     if filled.size == 0:
         raise RegionError(f"Subject {subject_id}: side 'both', but the CT holds no body above "
@@ -54,14 +55,14 @@ def split_x(subject_id: str, ct_hu: np.ndarray, spacing_mm: tuple[float, float, 
 
 def take_leg(subject_id: str, side: str, ct_hu: np.ndarray, mask: np.ndarray,
              spacing_mm: tuple[float, float, float], threshold_hu: float,
-             min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+             min_fraction: float, thin_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One leg of a bilateral scan (LPS, (z, y, x), not yet mirrored): the volume cut at the gap
     between the legs (x grows toward the patient's left).
 
     Raises:
         RegionError: the legs cannot be separated.
     """
-    split = split_x(subject_id, ct_hu, spacing_mm, threshold_hu, min_fraction)
+    split = split_x(subject_id, ct_hu, spacing_mm, threshold_hu, min_fraction, thin_mm)
     half = np.s_[:, :, split:] if side == "L" else np.s_[:, :, :split]
     return np.ascontiguousarray(ct_hu[half]), np.ascontiguousarray(mask[half])
 

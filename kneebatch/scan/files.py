@@ -25,6 +25,9 @@ def input_error(spec: SubjectSpec, role: str, path: Path, problem: str, fix: str
     return InputImageError(f"Subject {spec.subject_id}: {role} {path}: {problem}. {fix}")
 
 
+CHUNK_BYTES = 1 << 22  # voxel data is streamed in pieces this large: memory stays bounded
+
+
 def _gzip_trailer_size(path: Path) -> int:
     """The gzip trailer's ISIZE: the uncompressed size mod 2**32 (of the last member)."""
     with path.open("rb") as fh:
@@ -32,25 +35,65 @@ def _gzip_trailer_size(path: Path) -> int:
         return int.from_bytes(fh.read(4), "little")
 
 
-def _nifti_data(path: Path, offset: int) -> tuple[bytes, str] | None:
-    """The voxel bytes of a NIfTI file and their byte order (None if the gzip stream is damaged)."""
+def _bgzf_size(path: Path) -> int | None:
+    """The uncompressed size of a BGZF file (bgzip's blocked gzip), summed from each block's
+    header and trailer without inflating anything; None if the file is not BGZF or is cut short."""
+    total = 0
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        position = 0
+        while position < size:
+            fh.seek(position)
+            head = fh.read(18)
+            # gzip magic, deflate, FEXTRA; XLEN 6; subfield 'BC' of length 2 holding BSIZE - 1
+            if len(head) < 18 or head[:4] != b"\x1f\x8b\x08\x04" or head[12:16] != b"BC\x02\x00":
+                return None
+            block = int.from_bytes(head[16:18], "little") + 1
+            if position + block > size:
+                return None
+            fh.seek(position + block - 4)
+            total += int.from_bytes(fh.read(4), "little")
+            position += block
+    return total
+
+
+def _stream(path: Path, offset: int, expected: int, dtype: str | None) -> tuple[int, int] | None:
+    """Read a NIfTI's voxel data in bounded pieces, up to ``expected`` bytes.
+
+    Returns:
+        The bytes found (at most ``expected``) and, with a float ``dtype``, how many of the values
+        are NaN or infinite; None when the gzip stream is damaged.
+    """
+    found = bad = 0
     try:
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as fh:
             header_size = int.from_bytes(fh.read(4), "little")  # 348 (NIfTI-1) or 540 (NIfTI-2)
+            order = "<" if header_size in (348, 540) else ">"
             fh.seek(offset)
-            return fh.read(), "<" if header_size in (348, 540) else ">"
+            while found < expected:
+                piece = fh.read(min(CHUNK_BYTES, expected - found))
+                if not piece:
+                    break
+                if dtype:
+                    values = np.frombuffer(piece, dtype=order + dtype,
+                                           count=len(piece) // np.dtype(dtype).itemsize)
+                    bad += int(np.count_nonzero(~np.isfinite(values)))
+                found += len(piece)
     except (OSError, EOFError, zlib.error):
         return None
+    return found, bad
 
 
 def _check_nifti(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -> None:
     """Checks ITK's NIfTI reader skips: it reads a truncated file without complaint (the missing
-    voxels become 0) and turns NaN and inf into 0.
+    voxels become 0) and turns NaN and inf into 0. Memory stays bounded whatever the header says.
 
     Args:
         scan_values: also look for NaN/inf in float data (reads the voxels); without it only the
-            file's length is checked (the gzip trailer, or the file size), as a header read should.
+            file's length is checked: from the file size, the gzip trailer or a BGZF file's block
+            framing, else (a truncated or plain multi-member gzip) by inflating up to the size the
+            header promises, piece by piece.
     """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -63,26 +106,23 @@ def _check_nifti(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool)
     except (RuntimeError, KeyError, ValueError):
         return  # unreadable headers are reported by the full read
     floats = {16: "f4", 64: "f8"}.get(datatype) if scan_values else None
-    data = None
+    total = offset + expected
     if path.name.endswith(".gz"):
-        if floats or _gzip_trailer_size(path) != (offset + expected) % 2**32:
-            data = _nifti_data(path, offset)  # damaged, multi-member, or float data to scan
-            complete = data is not None and len(data[0]) >= expected
-        else:
-            complete = True
+        known = total if _gzip_trailer_size(path) == total % 2**32 else _bgzf_size(path)
     else:
-        complete = path.stat().st_size >= offset + expected
-        if floats and complete:
-            data = _nifti_data(path, offset)
+        known = path.stat().st_size
+    complete = known is not None and known >= total
+    bad = 0
+    if floats or known is None:
+        streamed = _stream(path, offset, expected, floats)
+        complete = streamed is not None and streamed[0] >= expected
+        bad = streamed[1] if streamed else 0
     if not complete:
         raise input_error(spec, role, path, "is truncated (it holds less voxel data than its header "
                     "promises)", "Copy or export the file again.")
-    if floats and data is not None:
-        values = np.frombuffer(data[0], dtype=data[1] + floats, count=voxels)
-        bad = int(np.count_nonzero(~np.isfinite(values)))
-        if bad:
-            raise input_error(spec, role, path, f"holds {bad} NaN or infinite voxels",
-                        "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
+    if bad:
+        raise input_error(spec, role, path, f"holds {bad} NaN or infinite voxels",
+                    "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
 
 
 def check_file(spec: SubjectSpec, role: str, path: Path, *, scan_values: bool) -> None:

@@ -11,7 +11,7 @@ from kneebatch.inputs.labels import BACKGROUND, value_counts
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.scan.anatomy import check_anatomy
 from kneebatch.scan.bilateral import labelled_on_both_sides
-from kneebatch.scan.read import ANATOMY_FIX, read_mask
+from kneebatch.scan.read import ANATOMY_FIX, check_ct_values, read_ct_slice, read_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +33,14 @@ def _listing(counts: dict[int, int], limit: int = 8) -> str:
 
 
 def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> MaskCheck:
-    """Read the mask's voxels and compare its values with ``spec.labels``.
+    """Read the mask's voxels and compare its values with ``spec.labels``; read the CT's middle
+    slice to see that it is a CT.
 
     Raises:
-        InputImageError: the mask cannot be read.
+        InputImageError: the mask or the CT's slice cannot be read, the mask is no label map or
+            the CT is one (swapped columns?).
     """
+    check_ct_values(spec, read_ct_slice(spec, read_timeout_s))
     mask, image = read_mask(spec, read_timeout_s)
     counts = value_counts(mask)
     problems = []

@@ -132,6 +132,43 @@ ANATOMY_FIX = ("Give the right values with --labels tibia=V,femur=V or the manif
                "wrong: fix it")
 
 
+def check_ct_values(spec: SubjectSpec, sample: np.ndarray) -> None:
+    """A CT shows many values, air below 0 among them (``run``: a strided sample of the volume;
+    ``validate``: its middle slice).
+
+    Raises:
+        InputImageError: at most ``CT_MIN_VALUES`` distinct values, none below 0: a label map.
+    """
+    values = np.unique(sample)
+    if values.size <= CT_MIN_VALUES and values.size and values[0] >= 0:
+        raise input_error(spec, "CT", spec.ct, f"looks like a label mask, not a CT: "
+                          f"{values.size} distinct values in a sample, none below 0",
+                          "Are the ct and mask columns swapped in this row?")
+
+
+def read_ct_slice(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S) -> np.ndarray:
+    """The CT's middle slice (of a DICOM series: its middle file), read alone (``validate``)."""
+    return timed(_read_ct_slice, spec, "CT", spec.ct, timeout_s)
+
+
+def _read_ct_slice(spec: SubjectSpec, role: str, path: Path) -> np.ndarray:
+    reader = sitk.ImageFileReader()
+    if path.is_dir():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
+        reader.SetFileName(files[len(files) // 2])
+    else:
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = list(reader.GetSize())
+        reader.SetExtractIndex([0, 0, size[2] // 2])
+        reader.SetExtractSize([size[0], size[1], 1])
+    try:
+        return sitk.GetArrayFromImage(reader.Execute())
+    except RuntimeError as exc:
+        raise input_error(spec, role, path, "cannot be read as an image", "Give a NIfTI, NRRD, "
+                          "MHA file or a DICOM folder; if it is truncated, copy it again.") from exc
+
+
 def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:
     """The mask in kneebatch's labels, checked against the anatomy, and what to warn about.
 
@@ -196,18 +233,15 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
         bad = int(np.count_nonzero(~np.isfinite(ct_hu)))
         raise input_error(spec, "CT", spec.ct, f"holds {bad} NaN or infinite voxels",
                     "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
-    sample = np.unique(ct_hu[::4, ::4, ::4])
-    if sample.size <= CT_MIN_VALUES and sample.size and sample[0] >= 0:
-        raise input_error(spec, "CT", spec.ct, f"looks like a label mask, not a CT: "
-                          f"{sample.size} distinct values in a sample, none below 0",
-                          "Are the ct and mask columns swapped in this row?")
+    check_ct_values(spec, ct_hu[::4, ::4, ::4])
     labels, warnings = _mask_labels(spec, mask)
     if oblique:
         warnings.insert(0, oblique)
     sx, sy, sz = ct.GetSpacing()
     if spec.bilateral:
         ct_hu, labels = take_leg(spec.subject_id, spec.side or "R", ct_hu, labels, (sz, sy, sx),
-                                 config.body_threshold_hu, config.body_min_fraction)
+                                 config.body_threshold_hu, config.body_min_fraction,
+                                 config.body_thin_mm)
     if spec.side == "L":
         ct_hu = np.ascontiguousarray(ct_hu[:, :, ::-1])
         labels = np.ascontiguousarray(labels[:, :, ::-1])

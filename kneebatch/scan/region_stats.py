@@ -56,11 +56,15 @@ def _body_on_native(regions: Regions, native_shape: tuple[int, ...],
     return body
 
 
+HISTOGRAM_SPAN = 1 << 16  # whole HU spanning more than int16's range: sort instead of counting
+
+
 def _stats(values: np.ndarray, voxel_ml: float) -> RegionStats:
     """Statistics of one region's HU values; a histogram (exact, and much faster than sorting)
-    when the values are whole HU, as CT stores them."""
+    when the values are whole HU within int16's span, as CT stores them; else sorted, so memory
+    stays bounded by the region's size whatever the values."""
     whole = values.astype(np.int32)
-    if not np.array_equal(whole, values):
+    if not np.array_equal(whole, values) or int(whole.max()) - int(whole.min()) >= HISTOGRAM_SPAN:
         return RegionStats(int(values.size), round(values.size * voxel_ml, 3),
                            float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64)),
                            tuple(float(v) for v in np.percentile(values, PERCENTILES)))

@@ -56,6 +56,14 @@ class Regions:
             members &= self.grid_body[box]  # label 0 inside the body: not the air around the leg
         return members
 
+    def members(self, name: str) -> np.ndarray:
+        """Where a region is on the whole grid: bool (z, y, x), its voxels inside its crop box
+        (what the network is fed of it; for QC)."""
+        box = tuple(slice(a, b) for a, b in self.boxes[name])
+        out = np.zeros(self.grid_shape, dtype=bool)
+        out[box] = self._members(name, box)
+        return out
+
     def region(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The network input of one region and where the region is in it.
 
@@ -167,7 +175,8 @@ def make_regions(scan: Scan, config: ExtractionConfig) -> Regions:
             boxes[name] = _bbox(members, margin)
     body = None
     if config.crop is CropMode.BBOX or config.pooling == "region":
-        body = body_mask(ct, config.body_threshold_hu, config.body_min_fraction)
+        body = body_mask(ct, config.body_threshold_hu, config.body_min_fraction, spacing,
+                         config.body_thin_mm)
         if not (body & (mask == 0)).any():
             raise RegionError(
                 f"Subject {scan.subject_id}: no background voxels inside the body (nothing above "

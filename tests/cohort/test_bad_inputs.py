@@ -212,3 +212,18 @@ def test_bad_manifest_rows_fail_alone(tmp_path: Path, model_path: Path) -> None:
     assert "row 6: side 'sideways' is not allowed" in messages
     assert (out / "subjects" / "ok1" / "done.json").is_file()
     assert not (tmp_path / "x").exists() and not (out / "x").exists()
+
+
+def test_a_subject_over_its_time_limit_fails_with_stage_and_reason(cohort: Path, model_path: Path,
+                                                                   tmp_path: Path) -> None:
+    from ..helpers import BOOKKEEPING_RUN, run
+
+    out = tmp_path / "out"
+    assert run(cohort, out, model_path, "--subject-timeout", "0.001", *BOOKKEEPING_RUN) == 1
+    failures = pd.read_csv(out / "failures.csv").set_index("subject_id")
+    assert sorted(failures.index) == ["knee001", "knee002", "knee003"]
+    assert (failures["stage"] == "timeout").all()
+    assert failures["error"].str.contains("over the --subject-timeout of 0.001 s").all()
+    assert not list((out / "subjects").glob("*/done.json"))
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+        run(cohort, tmp_path / "bad", model_path, "--subject-timeout", "0")

@@ -30,7 +30,7 @@ from kneebatch.report.figures import (
     write_cohort_report,
 )
 from kneebatch.report.qc_picture import _centre, qc_panels
-from kneebatch.scan.read import load_scan
+from kneebatch.scan.read import Scan, load_scan
 from kneebatch.scan.regions import make_regions
 
 
@@ -237,3 +237,21 @@ def test_a_10000_subject_cohort_renders(tmp_path: Path) -> None:
     index = write_cohort_report(tmp_path)
     assert "no heatmap" in index.read_text(encoding="utf-8")
     _looks_like_a_picture(tmp_path / "report" / "cosine_by_layer.png", 900, 300)
+
+
+def test_qc_fills_the_regions_the_network_is_fed() -> None:
+    from kneebatch.report.qc_picture import COLOURS
+
+    ct, mask = np.full((30, 40, 40), -1000.0), np.zeros((30, 40, 40))
+    y, x = np.mgrid[:40, :40]
+    ct[:, (y - 17.5) ** 2 / 13**2 + (x - 20) ** 2 / 16**2 <= 1] = 40.0  # a round leg
+    ct[:, 31:34, 2:38] = 150.0  # a couch plate touching the back of the leg
+    ct[4:14, 10:25, 12:28], mask[4:14, 10:25, 12:28] = 700.0, 1
+    ct[16:26, 10:25, 12:28], mask[16:26, 10:25, 12:28] = 900.0, 2
+    scan = Scan("k", ct.astype(np.float32), mask.astype(np.uint8), (1.0, 1.0, 1.0), "R", "LPS")
+    regions = make_regions(scan, ExtractionConfig(margin_mm=0.0, min_size=1))
+    axial = qc_panels(regions)["axial"]
+    grey = np.clip((40.0 + 400) / 1800, 0, 1)
+    tissue, plate = axial[17, 7], axial[32, 6]  # (y, x) on the axial slice through the bone
+    assert tissue == pytest.approx(0.7 * grey + 0.3 * np.array(COLOURS["background"]))
+    assert plate[0] == plate[1] == plate[2]  # grey: the couch is not fed to the network

@@ -254,8 +254,14 @@ def test_ct_and_mask_swapped_are_refused_by_run_and_validate(tmp_path: Path) -> 
     swapped = _spec(tmp_path / "mask.nii.gz", tmp_path / "ct.nii.gz")
     with pytest.raises(InputImageError, match="swapped"):
         load_scan(swapped, CONFIG)
-    with pytest.raises(InputImageError, match="looks like a CT"):
+    with pytest.raises(InputImageError, match=r"looks like a label mask.*swapped"):
         check_mask(swapped)
+    mask_as_ct = _spec(tmp_path / "mask.nii.gz", tmp_path / "mask.nii.gz")
+    with pytest.raises(InputImageError, match=r"CT .*mask\.nii\.gz: looks like a label mask"):
+        check_mask(mask_as_ct)
+    ct_as_mask = _spec(tmp_path / "ct.nii.gz", tmp_path / "ct.nii.gz")
+    with pytest.raises(InputImageError, match=r"mask .*ct\.nii\.gz: looks like a CT"):
+        check_mask(ct_as_mask)
 
 
 def test_validate_and_run_agree_on_a_mask_of_almost_integers(tmp_path: Path) -> None:
@@ -269,3 +275,93 @@ def test_validate_and_run_agree_on_a_mask_of_almost_integers(tmp_path: Path) -> 
     for check in (lambda: load_scan(spec, CONFIG), lambda: check_mask(spec)):
         with pytest.raises(InputImageError, match="non-integer"):
             check()
+
+
+def _bgzf(data: bytes, block: int = 65280) -> bytes:
+    """bgzip's blocked gzip: independent members of at most 64 KiB, each naming its size."""
+    import struct
+    import zlib
+
+    out = bytearray()
+    for start in range(0, len(data), block):
+        piece = data[start:start + block]
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = packer.compress(piece) + packer.flush()
+        out += struct.pack("<4BI2BH2BHH", 0x1F, 0x8B, 8, 4, 0, 0, 0xFF, 6, 66, 67, 2,
+                           len(body) + 25)
+        out += body + struct.pack("<II", zlib.crc32(piece), len(piece))
+    return bytes(out)
+
+
+def test_a_huge_bgzip_header_is_checked_from_its_framing(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from kneebatch.scan.headers import read_header
+
+    image = sitk.Image([512, 512, 256], sitk.sitkUInt8)  # 64 MiB of zeros, 0.3 MiB on disk
+    image.SetSpacing((0.5, 0.5, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))
+    raw = (tmp_path / "plain.nii").read_bytes()
+    (tmp_path / "big.nii.gz").write_bytes(_bgzf(raw))
+    cut = _bgzf(raw)
+    (tmp_path / "cut.nii.gz").write_bytes(cut[: len(cut) // 2])
+    spec = _spec(tmp_path / "big.nii.gz", tmp_path / "big.nii.gz")
+    tracemalloc.start()
+    assert read_header(spec, "CT", tmp_path / "big.nii.gz").size == (512, 512, 256)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8e6, peak  # the voxel data was never inflated
+    with pytest.raises(InputImageError, match="is truncated"):
+        read_header(spec, "CT", tmp_path / "cut.nii.gz")
+
+
+def test_a_multi_member_gzip_is_read_in_bounded_pieces(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from kneebatch.scan.headers import read_header
+
+    image = sitk.Image([256, 256, 128], sitk.sitkFloat32)  # 32 MiB of float voxels
+    image.SetSpacing((0.5, 0.5, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))
+    raw = (tmp_path / "plain.nii").read_bytes()
+    half = len(raw) // 2
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:-8]))
+    spec = _spec(tmp_path / "two.nii.gz", tmp_path / "two.nii.gz")
+    tracemalloc.start()
+    read_header(spec, "CT", tmp_path / "two.nii.gz")
+    from kneebatch.scan.files import check_file
+    check_file(spec, "CT", tmp_path / "two.nii.gz", scan_values=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 24e6, peak  # pieces of 4 MiB, never the whole 32 MiB
+    with pytest.raises(InputImageError, match="is truncated"):
+        read_header(spec, "CT", tmp_path / "short.nii.gz")
+
+
+def test_validate_checks_a_dicom_series_grid_from_its_headers(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    from kneebatch.cli import main
+    from kneebatch.scan.geometry import header_of, same_grid
+    from kneebatch.scan.headers import read_header
+
+    ct, mask = _phantom()
+    tilted = sitk.Image(ct)
+    tilted.SetDirection((1, 0, 0, 0, 0.8, -0.6, 0, 0.6, 0.8))  # an oblique series
+    for name, image in (("axial", ct), ("oblique", tilted)):
+        write_dicom_series(sitk.Cast(image, sitk.sitkInt16), tmp_path / name)
+        full = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / name)))
+        header = read_header(_spec(tmp_path / name, tmp_path / name), "CT", tmp_path / name)
+        assert same_grid(header, header_of(full)), (header, header_of(full))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    other = sitk.Image(mask)
+    other.SetOrigin((0.0, 0.0, 50.0))
+    sitk.WriteImage(other, str(tmp_path / "other.nrrd"))
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"subject_id,ct,mask,side\nsame,{tmp_path / 'axial'},{tmp_path / 'mask.nrrd'},R\n"
+                        f"moved,{tmp_path / 'axial'},{tmp_path / 'other.nrrd'},R\n")
+    assert main(["validate", str(manifest), "--headers-only"]) == 1
+    out = capsys.readouterr().out
+    assert "ok   same" in out
+    assert "FAIL moved" in out and "is not on the CT's voxel grid" in out and "origin=" in out

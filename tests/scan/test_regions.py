@@ -9,6 +9,7 @@ from kneebatch.config import CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
 from kneebatch.scan.read import Scan
 from kneebatch.scan.regions import body_mask, make_regions
+from kneebatch.schema import PERCENTILES
 
 NATIVE = ExtractionConfig.seed()  # native grid, no crop, the seed's grey normalisation
 
@@ -145,3 +146,55 @@ def test_downsampling_averages_noise_without_a_periodic_pattern(antialias: bool)
     per_column = grid.std(axis=(0, 1))
     smooth = bool(grid.std() < 4.6 and per_column.max() / per_column.min() < 1.25)
     assert smooth is antialias, (grid.std(), per_column.max() / per_column.min())
+
+
+def _knee_on_a_plate(plate: bool) -> Scan:
+    """A clinical-size phantom knee (200 mm field of view), with a 6 mm plate of +100 HU
+    touching the back of the leg where it is widest (a couch against the calf)."""
+    import SimpleITK as sitk
+
+    from kneebatch.inputs.phantom import make_phantom
+
+    ct_img, mask_img, _ = make_phantom((40, 200, 200), (2.0, 1.0, 1.0), seed=3, side="R")
+    ct = sitk.GetArrayFromImage(sitk.DICOMOrient(ct_img, "LPS")).astype(np.float32)
+    mask = sitk.GetArrayFromImage(sitk.DICOMOrient(mask_img, "LPS"))
+    if plate:
+        leg = body_mask(ct, -500.0, 0.1)
+        back = int(np.flatnonzero(leg.any(axis=(0, 2)))[-1])  # LPS: +y is posterior
+        columns = np.flatnonzero(leg.any(axis=(0, 1)))
+        ct[:, back + 1:back + 7, columns[0] - 20:columns[-1] + 20] = 100.0
+    return Scan("s1", ct, mask, (2.0, 1.0, 1.0), "R", "LPS")
+
+
+def test_a_plate_touching_the_leg_is_not_background() -> None:
+    def background_ml(scan: Scan, config: ExtractionConfig) -> float:
+        regions = make_regions(scan, config)
+        assert regions.grid_body is not None
+        return float(((regions.grid_mask == 0) & regions.grid_body).sum()) / 1000
+
+    config = ExtractionConfig()
+    plain = background_ml(_knee_on_a_plate(False), config)
+    with_plate = background_ml(_knee_on_a_plate(True), config)
+    assert abs(with_plate / plain - 1) < 0.03, (plain, with_plate)
+    kept = background_ml(_knee_on_a_plate(True), ExtractionConfig(body_thin_mm=0))
+    assert kept / plain - 1 > 0.05  # without the opening the plate is counted as body
+
+
+def test_region_statistics_take_bounded_memory_whatever_the_hu() -> None:
+    import tracemalloc
+
+    from kneebatch.scan.region_stats import region_stats
+
+    ct, mask = _blocks()
+    ct[20, 20, 7] = 2e8  # one absurd value in the background: a histogram would take 1.6 GB
+    scan = _scan(ct, mask)
+    regions = make_regions(scan, NATIVE)  # background: every label-0 voxel
+    tracemalloc.start()
+    stats = region_stats(scan, regions)["background"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, peak
+    values = ct[mask == 0].astype(np.float32)
+    assert stats.voxels == values.size
+    assert stats.hu_mean == pytest.approx(float(values.mean(dtype=np.float64)))
+    assert stats.hu_percentiles == pytest.approx(np.percentile(values, PERCENTILES))
