@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from kneebatch import __version__
 from kneebatch.cli import knee, prepare, results, run, validate
-from kneebatch.cli.options import EXIT_FAILED, EXIT_USAGE
+from kneebatch.cli.options import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE, REPORT
 from kneebatch.errors import KneebatchError
 
 log = logging.getLogger("kneebatch")
@@ -70,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
     Returns:
-        0 every subject finished; 1 some subject failed; 2 usage or configuration error; 75 stopped
-        by a signal (resumable).
+        0 every subject finished; 1 some subject failed (the rest are complete); 2 usage or
+        configuration error; 3 an internal error (a bug: please report); 75 stopped by a signal
+        (resumable).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -92,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("details")
         print(f"kneebatch: error: {exc.message}", file=sys.stderr)
         return EXIT_FAILED if exc.subject_failure else EXIT_USAGE
+    except Exception as exc:  # a bug: a code of its own, so a scheduler does not retry it as data
+        log.exception("internal error")
+        print(f"kneebatch: internal error: {type(exc).__name__}: {exc}. {REPORT}.",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def entry() -> None:

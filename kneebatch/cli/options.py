@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from kneebatch.network.options import ForwardOptions
 
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGNAL = 0, 1, 2, 75  # see `main`'s docstring
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_SIGNAL = 0, 1, 2, 3, 75  # see `main`
+REPORT = ("This is a kneebatch bug, not a problem with your data: please report it with this "
+          "output, the command and `kneebatch info`")
 
 
 def _spacing(value: str) -> float | str:
@@ -147,6 +149,9 @@ def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
     slurm = slurm_options_from_args(args) if args.cluster == "slurm" else None
     if slurm and (args.scheduler_file or args.scheduler_address):
         raise ConfigError("--cluster slurm starts its own scheduler; drop --scheduler-file/-address.")
+    if args.tls_dir and not (args.scheduler_file or args.scheduler_address):
+        raise ConfigError("--tls-dir is for joining a scheduler (--scheduler-file or "
+                          "--scheduler-address); the local cluster makes its own credentials.")
     memory = 0
     if args.memory_per_worker:
         from dask.utils import parse_bytes
@@ -158,7 +163,8 @@ def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                               "e.g. --memory-per-worker 4GB.") from exc
     return ClusterSpec(workers=args.workers, threads_per_worker=args.threads_per_worker,
                        scheduler_file=args.scheduler_file,
-                       scheduler_address=args.scheduler_address, memory_limit_bytes=memory,
+                       scheduler_address=args.scheduler_address, tls_dir=args.tls_dir,
+                       memory_limit_bytes=memory,
                        slurm=slurm, dashboard=args.dashboard,
                        subjects_per_worker=args.subjects_per_worker)
 

@@ -68,8 +68,17 @@ def _cmd_job_script(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_tls_credentials(args: argparse.Namespace) -> int:
+    from kneebatch.cohort.credentials import write_credentials
+
+    files = write_credentials(args.dir)
+    print(f"--tls-ca-file {files.ca} --tls-cert {files.cert} --tls-key {files.key}")
+    return EXIT_OK
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``sample``, ``build-model``, ``info``, ``job-script`` command(s) to the parser."""
+    """Add the ``sample``, ``build-model``, ``info``, ``job-script``, ``tls-credentials``
+    command(s) to the parser."""
     p = sub.add_parser("sample", help="write synthetic knee phantoms and a manifest.csv")
     p.add_argument("dir", type=Path, nargs="?", default=None,
                    help="folder for the phantoms and manifest.csv (or give it as --out DIR)")
@@ -102,3 +111,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="compute threads of each dask worker in the job (default: 2)")
     add_slurm_options(p)
     p.set_defaults(func=_cmd_job_script)
+
+    p = sub.add_parser("tls-credentials", help="a new CA and the certificate it signs for one "
+                                               "multi-node job's scheduler, workers and run")
+    p.add_argument("dir", type=Path, help="folder to create (mode 0700; on the shared filesystem, "
+                                          "e.g. OUT/.kneebatch/tls-$SLURM_JOB_ID)")
+    p.set_defaults(func=_cmd_tls_credentials)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from kneebatch.cli.options import (
     EXIT_FAILED,
+    EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGNAL,
+    REPORT,
     add_config_options,
     add_labels,
     add_plain_forward,
@@ -89,6 +91,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("Stopped before the end; finished subjects are kept. To resume, run the same "
               "command again.")
         return EXIT_SIGNAL
+    if summary.internal:
+        print(f"{summary.internal} subject(s) failed with an unexpected error (see failures.csv "
+              f"and the log). {REPORT}.")
+        return EXIT_INTERNAL
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
@@ -146,6 +152,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
+    p.add_argument("--tls-dir", type=Path, default=None, metavar="DIR",
+                   help="with --scheduler-file/-address: connect with the TLS credentials of "
+                        "`kneebatch tls-credentials DIR` (default: dask's own "
+                        "distributed.comm.tls.* configuration, if any)")
     p.add_argument("--shard", default=None, metavar="I/N", help="only subjects I, I+N, ... (0-based)")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute finished subjects too; replace results of other settings or "

@@ -23,6 +23,7 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
+from kneebatch.cohort.credentials import TlsFiles, write_credentials
 from kneebatch.errors import ConfigError
 from kneebatch.extract.memory import BASE_BYTES, gib
 from kneebatch.runtime import usable_cpus
@@ -101,8 +102,9 @@ def _lifetime(walltime: str) -> str:
     return f"{max(1, int(minutes - 10))}m"
 
 
-def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
-    """A dask-jobqueue ``SLURMCluster`` whose workers each run one subject with ``threads``.
+def slurm_cluster(opts: SlurmOptions, threads: int, tls: TlsFiles | None = None) -> Any:
+    """A dask-jobqueue ``SLURMCluster`` whose workers each run one subject with ``threads``;
+    with ``tls``, scheduler, workers and client talk TLS with those credentials only.
 
     Raises:
         ConfigError: dask-jobqueue is missing or the options are wrong.
@@ -139,6 +141,7 @@ def slurm_cluster(opts: SlurmOptions, threads: int) -> Any:
         log_directory=opts.log_dir,
         interface=opts.interface,
         scheduler_options={"dashboard_address": None},
+        **({"protocol": "tls://", "security": tls.security(every_role=True)} if tls else {}),
     )
     return cluster
 
@@ -174,6 +177,8 @@ class ClusterSpec:
         threads_per_worker: compute threads per worker (0: CPUs / workers; on a joined scheduler
             1 per task slot).
         scheduler_file, scheduler_address: join this scheduler instead of starting one.
+        tls_dir: connect to it with the credentials of ``kneebatch tls-credentials`` (None: dask's
+            own ``distributed.comm.tls.*`` configuration).
         memory_limit_bytes: per worker (0: the job's memory / workers).
         slurm: submit worker jobs with dask-jobqueue instead of starting local workers.
         dashboard: serve dask's dashboard (on localhost, a free port) for a local cluster.
@@ -186,6 +191,7 @@ class ClusterSpec:
     threads_per_worker: int = 0
     scheduler_file: str | None = None
     scheduler_address: str | None = None
+    tls_dir: Path | None = None
     memory_limit_bytes: int = 0
     slurm: SlurmOptions | None = None
     dashboard: bool = False
@@ -227,7 +233,7 @@ def check_worker_memory(memory_bytes: int, source: str) -> None:
         raise ConfigError(
             f"A worker needs at least {gib(BASE_BYTES)} for torch and the model; you gave "
             f"{gib(memory_bytes)} ({source}). Raise --memory-per-worker, give the job more "
-            "memory (sbatch --mem), or use fewer --workers.")
+            "memory (sbatch --mem or --mem-per-cpu), or use fewer --workers.")
 
 
 def layout(spec: ClusterSpec) -> tuple[int, int]:
@@ -256,6 +262,18 @@ def subject_resources(client: Client) -> dict[str, float] | None:
 
 
 @contextlib.contextmanager
+def _job_credentials(opts: SlurmOptions) -> Iterator[TlsFiles]:
+    """TLS credentials for this run's worker jobs, in the jobs' log folder (shared with the
+    compute nodes: they write their logs there), removed when the run ends."""
+    name = f".kneebatch-tls-{os.getpid()}-{os.urandom(4).hex()}"
+    folder = Path(opts.log_dir or os.getcwd()) / name
+    try:
+        yield write_credentials(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def open_client(spec: ClusterSpec) -> Iterator[Connection]:
     """Connect to (or start) the cluster ``spec`` describes.
 
@@ -268,20 +286,27 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
                "--scheduler-file sched.json --nthreads 1`, or drop the option to run on this node.")
         if spec.scheduler_file and not Path(spec.scheduler_file).is_file():
             raise ConfigError(f"Scheduler file {spec.scheduler_file} does not exist. {fix}")
+        security = TlsFiles.in_folder(spec.tls_dir).security() if spec.tls_dir else None
         try:
-            client = (Client(scheduler_file=spec.scheduler_file, timeout=CONNECT_TIMEOUT_S)
+            client = (Client(scheduler_file=spec.scheduler_file, timeout=CONNECT_TIMEOUT_S,
+                             security=security)
                       if spec.scheduler_file
-                      else Client(spec.scheduler_address, timeout=CONNECT_TIMEOUT_S))
+                      else Client(spec.scheduler_address, timeout=CONNECT_TIMEOUT_S,
+                                  security=security))
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"Cannot reach the dask scheduler at {target} ({exc}). {fix}") from exc
         with client:
-            log.info("joined scheduler %s with %d workers", target,
-                     len(client.scheduler_info().get("workers", {})))
+            workers = client.scheduler_info().get("workers", {})
+            log.info("joined scheduler %s with %d workers", target, len(workers))
+            for worker in workers.values():  # a worker too small for the model fails the run now
+                if worker.get("memory_limit"):
+                    check_worker_memory(int(worker["memory_limit"]), f"the memory limit of "
+                                        f"worker {worker.get('name', worker.get('id', '?'))}")
             yield Connection(client, spec.threads_per_worker or 1, subject_resources(client))
         return
     if spec.slurm is not None:
         threads = spec.threads_per_worker or 2
-        with slurm_cluster(spec.slurm, threads) as cluster:
+        with _job_credentials(spec.slurm) as tls, slurm_cluster(spec.slurm, threads, tls) as cluster:
             check_sbatch(cluster.job_script())  # refused before any job is submitted
             with Client(cluster) as client:
                 cluster.adapt(minimum_jobs=1, maximum_jobs=spec.slurm.max_jobs)
@@ -309,8 +334,10 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
 def local_cluster(workers: int, threads: int, memory_bytes: int, *, dashboard: bool = False,
                   subjects: int = 2) -> Iterator[LocalCluster]:
     """A LocalCluster that only this user can use: TLS with temporary credentials on localhost,
-    no dashboard unless asked, ``subjects`` subjects at a time per worker (the ``subject``
-    resource; one task thread each: torch's ``threads`` are set inside the task),
+    no HTTP endpoints unless ``dashboard`` (dask always opens an HTTP port on localhost; without
+    routes it answers every request with 404, so it shows no task names, ids or addresses),
+    ``subjects`` subjects at a time per worker (the ``subject`` resource; one task thread each:
+    torch's ``threads`` are set inside the task),
     a subject given up after its worker died ``ALLOWED_FAILURES + 1`` times. Its worker processes
     ignore SIGINT, so a Ctrl-C reaches only the run, which stops them in order."""
     import signal
@@ -321,11 +348,15 @@ def local_cluster(workers: int, threads: int, memory_bytes: int, *, dashboard: b
            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "error")}
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the worker processes
     try:
-        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}
+        if not dashboard:  # the nannies hand this configuration to their worker processes
+            settings |= {"distributed.scheduler.http.routes": [],
+                         "distributed.worker.http.routes": []}
+        with dask.config.set(settings):
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=subjects, processes=True, host="127.0.0.1",
                 protocol="tls://", security=Security.temporary(), memory_limit=memory_bytes,
-                # the scheduler serves HTTP (health, metrics) even without a dashboard: localhost
+                # dask opens its HTTP port even without a dashboard: localhost, a free port
                 scheduler_kwargs={"dashboard": dashboard, "dashboard_address": "127.0.0.1:0"},
                 resources={"subject": subjects}, env=env)
     finally:

@@ -16,6 +16,7 @@ class SubjectOutcome:
     Attributes:
         status: ``finished`` (computed now), ``failed``, ``claimed`` (another process holds the
             subject: nothing done) or ``skipped`` (another process finished it meanwhile).
+        internal: failed with an unexpected error (a kneebatch bug, not the subject's data).
     """
 
     subject_id: str
@@ -23,6 +24,7 @@ class SubjectOutcome:
     error: str | None = None
     stage: str | None = None
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    internal: bool = False
 
     @property
     def ok(self) -> bool:

@@ -108,6 +108,7 @@ class RunSummary:
             changed since the last run: joined anew at gather, not recomputed.
         pending: manifest subjects left without a result or a failure after the gather.
         left_out: folders under ``subjects/`` not in the manifest, left out of the Parquet.
+        internal: subjects that failed with an unexpected error (a kneebatch bug).
     """
 
     run_id: str
@@ -122,6 +123,7 @@ class RunSummary:
     pending: int = 0
     left_out: int = 0
     covariates_updated: int = 0
+    internal: int = 0
 
     @property
     def knees_per_hour(self) -> float:
@@ -323,7 +325,8 @@ def run_cohort(
         result = gather_run(out, record)
         pending, left_out = len(result.pending), result.left_out
     return RunSummary(run_id, len(mine) + len(problems_here), ok, failed + len(problems_here), skipped,
-                      wall_s, out, stopped, changed, pending, left_out, updated)
+                      wall_s, out, stopped, changed, pending, left_out, updated,
+                      sum(o.internal for o in outcomes))
 
 
 def _covariates_updated(out: Path, finished: list[SubjectSpec],

@@ -156,6 +156,6 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
                   stage.current, traceback.format_exc())
         message = (f"Subject {spec.subject_id}: unexpected {type(exc).__name__}: {exc}. This is "
                    "probably a kneebatch bug; please report it with the log.")
-        return SubjectOutcome(spec.subject_id, "failed", message, stage.current)
+        return SubjectOutcome(spec.subject_id, "failed", message, stage.current, internal=True)
     log.info("Subject %s finished in %.1f s", spec.subject_id, timings["total"])
     return SubjectOutcome(spec.subject_id, "finished", timings_s=timings)

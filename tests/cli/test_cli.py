@@ -181,3 +181,25 @@ def test_missing_output_folder_is_one_line(command: str, tmp_path: Path,
     assert main([command, "--out", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err and "Traceback" not in err
+
+
+def test_an_internal_error_exits_3_and_asks_for_a_report(
+        knee: tuple[Path, Path], tmp_path: Path, model_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from kneebatch.cli import validate
+    from kneebatch.cohort.task import process_subject
+    from kneebatch.config import ExtractionConfig
+    from kneebatch.inputs.manifest import SubjectSpec
+
+    def bug(*_: object, **__: object) -> int:
+        raise ZeroDivisionError("division by zero")  # stands in for a bug of ours
+
+    monkeypatch.setattr(validate, "_cmd_validate", bug)
+    assert main(["validate", str(tmp_path / "cohort.csv")]) == 3
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError" in err and "please report it" in err
+    monkeypatch.setattr("kneebatch.cohort.task.prepare_subject", bug)
+    outcome = process_subject(SubjectSpec("k1", *knee), ExtractionConfig(), model_path,
+                              tmp_path / "out", run_id="r")
+    assert outcome.status == "failed" and outcome.internal
+    assert "probably a kneebatch bug" in (outcome.error or "")

@@ -3,6 +3,7 @@ quiet logs, progress, status and provenance. Each test is a case a user met on k
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -194,6 +197,12 @@ def test_the_local_cluster_is_private_and_feeds_no_more_than_its_slots(
             Client(address, security=Security.temporary(), timeout=3)
         assert client.run_on_scheduler(
             lambda dask_scheduler: dask_scheduler.allowed_failures) == ALLOWED_FAILURES
+        http = [cluster.scheduler.http_server.port,
+                *client.run(lambda dask_worker: dask_worker.http_server.port).values()]
+        for port, path in itertools.product(http, ("/json/identity.json", "/health", "/metrics",
+                                                   "/info/main/workers.html")):
+            with pytest.raises(urllib.error.HTTPError, match="404"):  # no endpoint serves
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
         most = [0]
         stop = threading.Event()
 
@@ -344,3 +353,14 @@ def test_a_model_file_that_is_not_ours_is_refused_before_compute(
     assert "is not a kneebatch" in err and "kneebatch build-model --weights FILE" in err
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_the_dashboard_serves_on_localhost_only_when_asked() -> None:
+    from kneebatch.cohort.cluster import local_cluster
+
+    with local_cluster(1, 1, 2 * 1024**3, dashboard=True) as cluster:
+        server = cluster.scheduler.http_server
+        assert server.address == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/json/identity.json",
+                                    timeout=5) as answer:
+            assert json.load(answer)["type"] == "Scheduler"

@@ -133,16 +133,56 @@ def test_node_script_with_only_the_variables_it_is_given(
     assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
 
 
+def _refused(address: str, security: object = None) -> bool:
+    from distributed import Client
+
+    try:
+        Client(address, security=security, timeout=5).close()
+    except (OSError, TimeoutError):
+        return True
+    return False
+
+
 def test_cohort_multinode_script(job_env: dict[str, str], cohort: Path, reference: Path,
                                  tmp_path: Path) -> None:
+    from distributed.security import Security
+
     out = tmp_path / "out"
-    sbatch({**job_env, "KNEEBATCH_INTERFACE": "lo"}, tmp_path / "job.log", "--nodes=1",
-           "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=2G",
-           str(JOBS / "cohort-multinode.sbatch"), str(cohort), str(out))
+    env = {**job_env, "KNEEBATCH_INTERFACE": "lo"}
+    job = sbatch(env, tmp_path / "job.log", "--nodes=1", "--ntasks-per-node=2",
+                 "--cpus-per-task=1", "--mem-per-cpu=2G", str(JOBS / "cohort-multinode.sbatch"),
+                 str(cohort), str(out), wait=False)
+    scheduler_file = out / ".kneebatch" / f"scheduler-{job}.json"
+    deadline = time.monotonic() + 300
+    while not (scheduler_file.is_file() and scheduler_file.stat().st_size):
+        assert time.monotonic() < deadline, _read(tmp_path / "job.log")[-5000:]
+        time.sleep(0.1)
+    address = json.loads(scheduler_file.read_text())["address"]
+    tls_dir = out / ".kneebatch" / f"tls-{job}"
+    assert address.startswith("tls://") and not address.endswith(":8786"), address
+    assert tls_dir.stat().st_mode & 0o777 == 0o700
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in tls_dir.iterdir())
+    assert _refused(address.replace("tls://", "tcp://"))  # no TLS: refused
+    assert _refused(address, Security.temporary())  # TLS, but not the job's certificate
+    assert wait_for(env, job) == ("COMPLETED", "0:0"), _read(tmp_path / "job.log")[-5000:]
     log = _read(tmp_path / "job.log")
-    assert "joined scheduler" in log and "with 2 workers" in log, log[-5000:]
+    assert "joined scheduler tls://" in log and "with 2 workers" in log, log[-5000:]
     assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
     assert not list((out / ".kneebatch").glob("scheduler-*.json")), "scheduler file not cleaned"
+    assert not tls_dir.exists(), "credentials not removed"
+
+
+def test_multinode_workers_too_small_for_the_model_end_the_job_fast(
+        job_env: dict[str, str], cohort: Path, tmp_path: Path) -> None:
+    job = sbatch({**job_env, "KNEEBATCH_INTERFACE": "lo"}, tmp_path / "job.log", "--nodes=1",
+                 "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=700M",
+                 str(JOBS / "cohort-multinode.sbatch"), str(cohort), str(tmp_path / "out"),
+                 wait=False)
+    state, code = wait_for(job_env, job, timeout=300)
+    log = _read(tmp_path / "job.log")
+    assert (state, code) == ("FAILED", "2:0"), log[-5000:]
+    assert "A worker needs at least" in log and "the memory limit of worker" in log, log[-5000:]
+    assert "--mem-per-cpu" in log
 
 
 def test_array_and_gather_scripts(job_env: dict[str, str], cohort: Path, reference: Path,
@@ -158,6 +198,20 @@ def test_array_and_gather_scripts(job_env: dict[str, str], cohort: Path, referen
     record = json.loads((out / "run.json").read_text())
     assert record["parquet"]["subjects"] == 4
     assert record["counts"]["ok"] == 4 and len(record["shards"]) == 2  # over both shards
+
+
+def test_some_shards_of_an_array_can_be_resubmitted(job_env: dict[str, str], cohort: Path,
+                                                    reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**job_env, "SBATCH_OPTIONS": f"--cpus-per-task=1 --mem=2G --output={tmp_path}/%j.log"}
+    everyone = {f"knee00{i}" for i in range(1, 5)}
+    for tasks, finished in (("1", {"knee002", "knee004"}), ("0", everyone)):
+        done = subprocess.run([str(JOBS / "submit-array.sh"), str(cohort), str(out), "2", tasks],
+                              env=env, capture_output=True, text=True, check=True)
+        gather_id = done.stdout.split()[1]
+        assert wait_for(env, gather_id)[0] == "COMPLETED", _read(tmp_path / f"{gather_id}.log")
+        assert {p.parent.name for p in out.glob("subjects/*/done.json")} == finished
+    assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
 
 
 def test_walltime_signal_stops_cleanly_and_a_resubmit_finishes(

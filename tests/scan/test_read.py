@@ -365,3 +365,4 @@ def test_validate_checks_a_dicom_series_grid_from_its_headers(tmp_path: Path,
     out = capsys.readouterr().out
     assert "ok   same" in out
     assert "FAIL moved" in out and "is not on the CT's voxel grid" in out and "origin=" in out
+    assert "Not checked: each mask's values and anatomy and the CT's middle slice" in out
