@@ -170,7 +170,7 @@ def test_global_flags_and_out_work_on_either_side_of_the_subcommand(argv: list[s
 
 def test_every_command_that_takes_an_output_folder_accepts_out() -> None:
     for name, sub in _subparsers(build_parser()).items():
-        if name in ("job-script", "validate", "info"):
+        if name in ("job-script", "validate", "info", "tls-credentials"):
             continue
         assert "--out" in sub._option_string_actions, name
 
