@@ -8,6 +8,7 @@ import functools
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kneebatch import __version__
 from kneebatch.cli import knee, prepare, results, run, validate
@@ -37,9 +38,10 @@ def _add_global_flags(parser: argparse.ArgumentParser, default: object) -> None:
                         help="warnings and errors only")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The argument parser (separate from ``main`` so tests and docs can read it); each command
-    group's module adds its own subcommands."""
+    group's module adds its own subcommands. ``run_defaults``: ``run``'s option defaults from a
+    ``--config`` file (options given on the command line win)."""
     parser = argparse.ArgumentParser(prog="kneebatch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kneebatch {__version__}")
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
     for group in (prepare, knee, validate, run, results):
         group.register(sub)
+    if run_defaults:
+        sub.choices["run"].set_defaults(**run_defaults)
     return parser
 
 
@@ -76,6 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        from kneebatch.inputs.settings import load_settings
+
+        try:
+            settings = load_settings(args.config)
+        except KneebatchError as exc:
+            print(f"kneebatch: error: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+        parser = build_parser(settings.run_defaults())
+        args = parser.parse_args(argv)
+        args.settings = settings
     if hasattr(args, "out_option"):
         if getattr(args, "manifest", "") is None and args.out and args.out_option:
             args.manifest, args.out = args.out, None  # `status --out OUT MANIFEST`

@@ -4,6 +4,7 @@ SLURM worker jobs, and the values they build. Configures argparse only; ``cli`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,7 +109,9 @@ def add_read_timeout(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
-    given: dict[str, Any] = {"resample_mask": args.resample_mask}
+    """The extraction settings: ``--preset``, else the ``--config`` file's (``args.settings``),
+    else the defaults; each option given on the command line wins."""
+    given: dict[str, Any] = {"resample_mask": True} if args.resample_mask else {}
     if args.spacing is not None:
         given["spacing_mm"] = None if args.spacing == "native" else args.spacing
     if args.layers is not None:
@@ -118,7 +121,10 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
                           ("precision", "precision")):
         if getattr(args, option) is not None:
             given[field] = getattr(args, option)
-    return ExtractionConfig.seed(**given) if args.preset == "seed" else ExtractionConfig(**given)
+    if args.preset == "seed":
+        return ExtractionConfig.seed(**given)
+    settings = getattr(args, "settings", None)
+    return dataclasses.replace(settings.config(), **given) if settings else ExtractionConfig(**given)
 
 
 def add_plain_forward(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,22 @@ from pathlib import Path
 from kneebatch.cli.options import EXIT_FAILED, EXIT_OK, add_out_folder
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    import json
+
+    from kneebatch.errors import ConfigError
+    from kneebatch.inputs.settings import settings_toml
+
+    record = args.out / "run.json"
+    try:
+        text = record.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{record} cannot be read ({exc.strerror}): `kneebatch config` needs a "
+                          "run's output folder.") from exc
+    print(settings_toml(json.loads(text)), end="")
+    return EXIT_OK
+
+
 def _cmd_gather(args: argparse.Namespace) -> int:
     from kneebatch.results.gather import gather_run
 
@@ -95,7 +111,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``report``, ``status``, ``gather``, ``merge``, ``export`` command(s) to the parser."""
+    """Add the ``report``, ``status``, ``gather``, ``merge``, ``export``, ``config`` command(s) to
+    the parser."""
     p = sub.add_parser("report", help="QC pictures per subject and cohort figures in OUT/report")
     add_out_folder(p)
     p.add_argument("--no-qc", action="store_true", help="cohort figures only")
@@ -131,3 +148,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--layer", default=None, help="only this layer (default: every layer)")
     p.add_argument("--region", default=None, help="only this region (default: all three)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("config", help="a finished run's settings as a TOML file for "
+                                      "`kneebatch run --config` (printed)")
+    add_out_folder(p)
+    p.set_defaults(func=_cmd_config)

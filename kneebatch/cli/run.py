@@ -152,6 +152,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="settings from a TOML file ([extraction] and [run] tables) or a finished "
+                        "run's run.json; options given here win (`kneebatch config OUT` writes one)")
     p.add_argument("--tls-dir", type=Path, default=None, metavar="DIR",
                    help="with --scheduler-file/-address: connect with the TLS credentials of "
                         "`kneebatch tls-credentials DIR` (default: dask's own "
