@@ -9,12 +9,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from kneebatch.cli.options import (
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_SIGNAL,
+    EXIT_USAGE,
     REPORT,
     add_config_options,
     add_labels,
@@ -32,6 +34,47 @@ from kneebatch.config import PAIRS, SUBJECT_TIMEOUT_S
 log = logging.getLogger("kneebatch")
 
 
+def _dry_run(args: argparse.Namespace, options: Any, model_path: Path) -> int:
+    from kneebatch.cohort.plan import plan_run
+    from kneebatch.cohort.progress import duration
+    from kneebatch.extract.memory import gib
+
+    plan = plan_run(args.manifest, args.out, model_path, options, cluster_spec_from_args(args))
+    shown = 20
+
+    def listing(ids: list[str]) -> str:
+        return ", ".join(ids[:shown]) + (f", ... ({len(ids) - shown} more)" if len(ids) > shown
+                                         else "")
+
+    print("Dry run: nothing computed or written; no model loaded, no cluster started.")
+    if plan.refused:
+        print(f"The run would stop before any compute: {plan.refused}.")
+        return EXIT_USAGE
+    print(f"compute {len(plan.compute)}: {listing(plan.compute)}" if plan.compute
+          else "compute 0")
+    for subject, why in plan.redo:
+        print(f"redo    {subject}: {why}")
+    print(f"skip    {len(plan.skip)} already finished with these inputs and settings")
+    for row in plan.unusable:
+        print(f"unusable manifest row {row.line} ({row.subject_id or 'no id'}): {row.message}")
+    for subject, message in plan.header_problems:
+        print(f"would fail {subject}: {message}")
+    todo = len(plan.compute) + len(plan.redo)
+    if plan.workers:
+        print(f"Layout: {plan.workers} worker(s) x {plan.threads} thread(s), "
+              f"{gib(plan.memory_bytes)} each.")
+    else:
+        print("Layout: a joined cluster's workers (the estimate assumes one at a time).")
+    if todo:
+        over = " - over the worker's limit: it would fail at stage memory" if (
+            plan.memory_bytes and plan.peak_bytes > plan.memory_bytes) else ""
+        print(f"Estimate: {duration(plan.wall_s)} wall for {todo} knee(s): {plan.knee_s:.1f} s "
+              f"per knee per worker (from {plan.basis}) plus {plan.startup_s:.0f} s to start; "
+              f"peak memory per worker about {gib(plan.peak_bytes)} (largest: "
+              f"{plan.peak_subject}){over}.")
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from kneebatch.cohort.progress import Progress
     from kneebatch.cohort.run import RunOptions, run_cohort
@@ -39,6 +82,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     model_path = model_file(args)
+    if args.dry_run:
+        return _dry_run(args, RunOptions(
+            config=config, labels=args.labels, overwrite=args.overwrite, part=args.shard,
+            read_timeout_s=args.read_timeout), model_path)
     progress = Progress(0, sys.stderr.write, tty=sys.stderr.isatty() and not args.quiet,
                         every_n=args.progress_every)
     stop = threading.Event()
@@ -152,6 +199,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what the run would compute, skip and redo (and why), with an "
+                        "estimate of its wall time and memory per worker; nothing is computed, "
+                        "written or started")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="settings from a TOML file ([extraction] and [run] tables) or a finished "
                         "run's run.json; options given here win (`kneebatch config OUT` writes one)")

@@ -294,12 +294,14 @@ def run_cohort(
     if on_start:
         on_start(len(todo))
     outcomes: list[SubjectOutcome] = []
+    slots: list[int] = []
     stopped = False
     if todo:
         task = functools.partial(_run_one, options=options, model_path=model_path.resolve(),
                                  out=out.resolve(), run_id=run_id)
 
         def run_on(connection: Connection) -> bool:
+            slots.append(len(connection.client.scheduler_info().get("workers", {})))
             return consume(connection, todo, task, out=out, run_id=run_id, subjects=list(keys),
                            outcomes=outcomes, on_progress=on_progress, stop=stop)
 
@@ -318,7 +320,8 @@ def run_cohort(
         record, ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         counts=Counts(total=len(mine) + len(problems_here), ok=ok,
                       failed=failed + len(problems_here), skipped=skipped, changed=changed),
-        stage_seconds=_stage_totals(outcomes), wall_s=round(wall_s, 2), stopped=stopped)
+        stage_seconds=_stage_totals(outcomes), wall_s=round(wall_s, 2), stopped=stopped,
+        workers=slots[0] if slots else 0)
     save_run_record(out, record)
     pending = left_out = 0
     if options.gather_results:

@@ -264,6 +264,7 @@ class RunRecord(Record):
     counts: Counts | None = None
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     wall_s: float = 0.0
+    workers: int = 0  # subjects computed at once (task slots), for --dry-run's estimate
     stopped: bool = False
     parquet: ParquetSummary | None = None
     schema_version: int = 0
