@@ -137,6 +137,7 @@ def slurm_cluster(opts: SlurmOptions, threads: int, tls: TlsFiles | None = None)
                            "--lifetime", walltime_lifetime, "--lifetime-stagger", "2m"],
         job_script_prologue=[*(_site("job-script-prologue") or []), *opts.prologue,
                              f"export OMP_NUM_THREADS={threads}",
+                             "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False",
                              f"{shlex.quote(sys.executable)} -m kneebatch info"],
         log_directory=opts.log_dir,
         interface=opts.interface,
@@ -348,7 +349,10 @@ def local_cluster(workers: int, threads: int, memory_bytes: int, *, dashboard: b
            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "error")}
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the worker processes
     try:
-        settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}
+        # never pause a worker at 80% of its memory (the model alone is most of a small limit:
+        # a paused worker waits forever); one over its limit is restarted, its subject retried
+        settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                                    "distributed.worker.memory.pause": False}
         if not dashboard:  # the nannies hand this configuration to their worker processes
             settings |= {"distributed.scheduler.http.routes": [],
                          "distributed.worker.http.routes": []}

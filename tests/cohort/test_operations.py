@@ -197,6 +197,8 @@ def test_the_local_cluster_is_private_and_feeds_no_more_than_its_slots(
             Client(address, security=Security.temporary(), timeout=3)
         assert client.run_on_scheduler(
             lambda dask_scheduler: dask_scheduler.allowed_failures) == ALLOWED_FAILURES
+        paused_at = client.run(lambda dask_worker: dask_worker.memory_manager.memory_pause_fraction)
+        assert set(paused_at.values()) == {False}  # a worker near its limit never waits forever
         http = [cluster.scheduler.http_server.port,
                 *client.run(lambda dask_worker: dask_worker.http_server.port).values()]
         for port, path in itertools.product(http, ("/json/identity.json", "/health", "/metrics",
