@@ -185,35 +185,23 @@ def test_multinode_workers_too_small_for_the_model_end_the_job_fast(
     assert "--mem-per-cpu" in log
 
 
-def test_array_and_gather_scripts(job_env: dict[str, str], cohort: Path, reference: Path,
-                                  tmp_path: Path) -> None:
+def test_array_and_gather_scripts_and_resubmitting_some_shards(
+        job_env: dict[str, str], cohort: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**job_env, "SBATCH_OPTIONS": f"--cpus-per-task=1 --mem=2G --output={tmp_path}/%j.log"}
-    done = subprocess.run([str(JOBS / "submit-array.sh"), str(cohort), str(out), "2"], env=env,
-                          capture_output=True, text=True, check=True)
-    _array_id, gather_id = done.stdout.split()
-    assert wait_for(env, gather_id)[0] == "COMPLETED", _read(tmp_path / f"{gather_id}.log")
-    assert len(list((out / ".kneebatch" / "runs").glob("*.json"))) == 2  # one per shard
-    assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
-    record = json.loads((out / "run.json").read_text())
-    assert record["parquet"]["subjects"] == 4
-    assert record["counts"]["ok"] == 4 and len(record["shards"]) == 2  # over both shards
-
-
-def test_some_shards_of_an_array_can_be_resubmitted(job_env: dict[str, str], cohort: Path,
-                                                    reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    env = {**job_env, "SBATCH_OPTIONS": f"--cpus-per-task=1 --mem=2G --output={tmp_path}/%j.log"}
-    everyone = {f"knee00{i}" for i in range(1, 5)}
-    # shard 1 of 2 alone: its subjects finish, the gather says two are still missing (exit 1)
-    for tasks, finished, state in (("1", {"knee002", "knee004"}, "FAILED"),
-                                   ("0", everyone, "COMPLETED")):
-        done = subprocess.run([str(JOBS / "submit-array.sh"), str(cohort), str(out), "2", tasks],
+    # shard 1 of 2 alone (as a retry would): its subjects finish, the gather says two are missing
+    # (exit 1); then the whole array: shard 1 skips what it has, the gather completes
+    for tasks, finished, state in ((["1"], {"knee002", "knee004"}, "FAILED"),
+                                   ([], {f"knee00{i}" for i in range(1, 5)}, "COMPLETED")):
+        done = subprocess.run([str(JOBS / "submit-array.sh"), str(cohort), str(out), "2", *tasks],
                               env=env, capture_output=True, text=True, check=True)
         gather_id = done.stdout.split()[1]
         assert wait_for(env, gather_id)[0] == state, _read(tmp_path / f"{gather_id}.log")
         assert {p.parent.name for p in out.glob("subjects/*/done.json")} == finished
     assert_same_results(reference, out, atol=ATOL, rtol=RTOL)
+    assert len(list((out / ".kneebatch" / "runs").glob("*.json"))) == 3  # shard 1 twice
+    record = json.loads((out / "run.json").read_text())
+    assert record["parquet"]["subjects"] == 4 and len(record["shards"]) == 2  # over both shards
 
 
 def test_walltime_signal_stops_cleanly_and_a_resubmit_finishes(
