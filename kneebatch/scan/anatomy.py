@@ -34,9 +34,11 @@ class Anatomy:
     warnings: tuple[str, ...]
 
 
-def _centre_mm(image: sitk.Image, members: np.ndarray) -> np.ndarray:
-    """Physical (LPS) centre of the True voxels of a (z, y, x) array on ``image``'s grid."""
-    z, y, x = (float(np.mean(axis)) for axis in np.nonzero(members))
+def _centre_mm(image: sitk.Image, members: np.ndarray, count: int) -> np.ndarray:
+    """Physical (LPS) centre of the ``count`` True voxels of a (z, y, x) array on ``image``'s
+    grid, from its three projections (no index arrays)."""
+    z, y, x = (float(np.count_nonzero(members, axis=tuple(a for a in range(3) if a != axis))
+                     @ np.arange(members.shape[axis])) / count for axis in range(3))
     return np.array(image.TransformContinuousIndexToPhysicalPoint((x, y, z)))
 
 
@@ -58,7 +60,7 @@ def check_anatomy(image: sitk.Image, labels: np.ndarray, side: str | None,
                 if 0 < counts[name] * voxel_ml < MIN_BONE_ML]
     if not all(counts.values()):
         return Anatomy(None, tuple(warnings))  # a missing bone is reported by its own check
-    tibia, femur = (_centre_mm(image, bones[name]) for name in ("tibia", "femur"))
+    tibia, femur = (_centre_mm(image, bones[name], counts[name]) for name in ("tibia", "femur"))
     problem = None
     if femur[2] < tibia[2]:  # LPS: z grows toward the head
         problem = (f"femur below tibia: labels swapped? (the femur's centre lies "

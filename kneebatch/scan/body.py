@@ -22,10 +22,18 @@ def _opened(above: np.ndarray, spacing_mm: tuple[float, ...], thin_mm: float) ->
     coarse = above[::steps[0], ::steps[1], ::steps[2]]
     radius = max(1, math.ceil(thin_mm / 2 / max(s * n for s, n in zip(spacing_mm, steps,
                                                                       strict=True))))
-    padded = np.pad(coarse, radius, mode="edge")
+    hits = [np.flatnonzero(coarse.any(axis=tuple(a for a in range(3) if a != axis)))
+            for axis in range(3)]
+    if not hits[0].size:
+        return above
+    # only around what is above the threshold: a face of the box that is not the volume's holds
+    # nothing, so continuing it changes nothing (the result equals the whole volume's)
+    box = tuple(slice(max(0, int(h[0]) - 1), int(h[-1]) + 2) for h in hits)
+    padded = np.pad(coarse[box], radius, mode="edge")
     inner = tuple(slice(radius, -radius) for _ in range(3))
     cube = ndimage.generate_binary_structure(3, 3)
-    opened = ndimage.binary_opening(padded, cube, iterations=radius)[inner]
+    opened = np.zeros(coarse.shape, dtype=bool)
+    opened[box] = ndimage.binary_opening(padded, cube, iterations=radius)[inner]
     if steps == [1, 1, 1]:
         return opened
     for axis, step in enumerate(steps):

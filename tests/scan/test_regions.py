@@ -198,3 +198,26 @@ def test_region_statistics_take_bounded_memory_whatever_the_hu() -> None:
     assert stats.voxels == values.size
     assert stats.hu_mean == pytest.approx(float(values.mean(dtype=np.float64)))
     assert stats.hu_percentiles == pytest.approx(np.percentile(values, PERCENTILES))
+
+
+def test_smoothing_only_around_the_body_feeds_the_same_inputs() -> None:
+    import SimpleITK as sitk
+
+    from kneebatch.config import REGIONS
+    from kneebatch.inputs.phantom import make_phantom
+
+    ct_img, mask_img, _ = make_phantom((30, 160, 160), (1.5, 0.4, 0.4), seed=5, side="R")
+    ct = sitk.GetArrayFromImage(sitk.DICOMOrient(ct_img, "LPS")).astype(np.float32)
+    mask = sitk.GetArrayFromImage(sitk.DICOMOrient(mask_img, "LPS"))
+    scan = Scan("s1", ct, mask, (1.5, 0.4, 0.4), "R", "LPS")
+    config = ExtractionConfig()
+    fast = make_regions(scan, config)
+    plain = make_regions(scan, config, smooth_in_box=False)
+    assert fast.smoothed_box is not None and plain.smoothed_box is None  # the fast path ran
+    (_, _), (y0, y1), (x0, x1) = fast.smoothed_box
+    assert (y1 - y0) * (x1 - x0) < 0.9 * 160 * 160  # on less than the whole volume
+    assert fast.boxes == plain.boxes
+    np.testing.assert_array_equal(fast.grid_body, plain.grid_body)
+    for name in REGIONS:
+        for a, b in zip(fast.region(name), plain.region(name), strict=True):
+            np.testing.assert_array_equal(a, b)  # bit-identical network inputs
