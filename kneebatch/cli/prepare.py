@@ -44,6 +44,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from kneebatch.citation import citation
     from kneebatch.network.modelfile import check_model_file
+    from kneebatch.network.options import bf16_supported
     from kneebatch.runtime import usable_cpus
 
     job = os.environ.get("SLURM_JOB_ID")
@@ -52,6 +53,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{platform.python_version()} ({sys.executable}), torch {torch.__version__} (CUDA "
           f"{'available' if torch.cuda.is_available() else 'not available'}), torchvision "
           f"{torchvision.__version__}, SimpleITK {SimpleITK.Version.VersionString()}")
+    print("native bfloat16: " + ("yes (AVX512-BF16/AMX): --precision bf16 runs the network "
+                                 "faster here" if bf16_supported() else
+                                 "no (AVX2 or older): use float32, the default"))
     value = args.model or os.environ.get("KNEEBATCH_MODEL")
     if value:
         info = check_model_file(Path(value))  # a bad model file fails the job here, at once

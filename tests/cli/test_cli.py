@@ -203,3 +203,11 @@ def test_an_internal_error_exits_3_and_asks_for_a_report(
                               tmp_path / "out", run_id="r")
     assert outcome.status == "failed" and outcome.internal
     assert "probably a kneebatch bug" in (outcome.error or "")
+
+
+def test_info_says_whether_this_cpu_has_native_bf16(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("native bf"))
+    assert line.startswith(f"native bfloat16: {'yes' if native else 'no'}")
