@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kneebatch.network.kernels import onednn_forward
 from kneebatch.network.lean import lean_forward
 from kneebatch.network.options import FAST, ForwardOptions
 from kneebatch.network.stem import STEM, stem_in_slabs
@@ -133,7 +134,8 @@ def extract_features(
     modules = list(children.items())[: deepest + 1]
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), lean_forward(options.lean_blocks, fmt):
+        with torch.inference_mode(), lean_forward(options.lean_blocks, fmt), \
+                onednn_forward(options.onednn):
             if options.stem_slabs and x.numel() >= SLAB_FROM_VOXELS:
                 x = stem_in_slabs(net, x, memory_format=fmt)
                 modules = [(n, m) for n, m in modules if n not in STEM]

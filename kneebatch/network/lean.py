@@ -15,10 +15,11 @@ import contextvars
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models.densenet import _DenseBlock, _Transition
+
+from kneebatch.network.kernels import conv3d, use_onednn
 
 SLAB_BYTES = 64 * 1024**2
 # Whether the lean forward runs, for the forward pass in progress in this thread (a context
@@ -113,7 +114,7 @@ class LeanDenseBlock(_DenseBlock):
             weight1, bias1 = fold_batchnorm(layer.conv1, layer.norm2)  # conv1 + norm2 in one
             for d0, d1 in _slabs(depth, row_bytes * (channels + 2 * width1)):
                 part = layer.relu1(layer.norm1(buffer[:, :channels, d0:d1]))
-                part = F.conv3d(part, weight1, bias1)
+                part = conv3d(part, weight1, bias1)
                 bottleneck[:, :, d0:d1] = part.relu_()
             buffer[:, channels:channels + growth] = layer.conv2(bottleneck)
             channels += growth
@@ -150,8 +151,9 @@ class LeanTransition(_Transition):
 
 def make_lean(features: nn.Module) -> nn.Module:
     """Give DenseNet's blocks and transitions of ``features`` their lean forward (in place; same
-    weights and hooks) and fold the BatchNorms the fast path folds (the stem's norm0 into conv0,
-    each dense layer's norm2 into its conv1) once, here."""
+    weights and hooks), every convolution the switchable oneDNN forward (``kernels.py``), and fold
+    the BatchNorms the fast path folds (the stem's norm0 into conv0, each dense layer's norm2 into
+    its conv1) once, here."""
     for module in features.modules():
         if type(module) is _DenseBlock:
             module.__class__ = LeanDenseBlock
@@ -164,4 +166,4 @@ def make_lean(features: nn.Module) -> nn.Module:
     conv0, norm0 = getattr(features, "conv0", None), getattr(features, "norm0", None)
     if isinstance(conv0, nn.Conv3d) and isinstance(norm0, nn.BatchNorm3d):
         fold_once(conv0, norm0)
-    return features
+    return use_onednn(features)

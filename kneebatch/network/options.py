@@ -26,16 +26,18 @@ class ForwardOptions:
             1x1x1 convolution of 256 -> 128 channels runs about 3x faster here).
         stem_slabs: DenseNet's stem in depth slabs for large inputs (``stem.py``).
         lean_blocks: dense blocks and transitions with the memory-lean forward (``lean.py``).
+        onednn: every float32 convolution through oneDNN (``kernels.py``).
     """
 
     channels_last: bool = True
     stem_slabs: bool = True
     lean_blocks: bool = True
+    onednn: bool = True
 
     @classmethod
     def plain(cls) -> ForwardOptions:
         """torchvision's own forward, default memory format: the reference for the fast path."""
-        return cls(channels_last=False, stem_slabs=False, lean_blocks=False)
+        return cls(channels_last=False, stem_slabs=False, lean_blocks=False, onednn=False)
 
     def to_dict(self) -> dict[str, bool]:
         """Plain JSON-ready form."""

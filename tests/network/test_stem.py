@@ -145,3 +145,21 @@ def test_lean_dense_blocks_equal_torchvision_blocks(network: torch.nn.Sequential
             b = net(x)
     assert lean_calls == {"block": 4, "transition": 3}
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+def test_every_float32_convolution_goes_through_onednn_with_the_same_numbers(
+        network: torch.nn.Sequential) -> None:
+    from kneebatch.network import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("this torch has no oneDNN")
+    convolutions = sum(isinstance(m, torch.nn.Conv3d) for m in network.modules())
+    volume = np.random.default_rng(5).random(size=(34, 36, 38)).astype(np.float32)
+    before = kernels.onednn_calls()
+    fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
+    ran = kernels.onednn_calls() - before
+    assert ran >= convolutions - 1  # every convolution up to denseblock4 (norm5 has none)
+    other, _ = extract_features(network, volume, LAYERS, ForwardOptions(onednn=False))
+    assert kernels.onednn_calls() - before == ran  # switched off: torch's own kernels
+    for layer in LAYERS:
+        np.testing.assert_allclose(fast[layer], other[layer], rtol=0, atol=1e-5)
