@@ -57,10 +57,12 @@ def finished(cohort: Path, model_path: Path, tmp_path_factory: pytest.TempPathFa
 
 
 def test_ctrl_c_stops_like_sigterm_and_keeps_what_is_finished(
-        cohort: Path, model_path: Path, tmp_path: Path) -> None:
+        model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen(command(cohort, out, model_path), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    many = write_sample(tmp_path / "many", 12, size="small")  # far more than are in flight
+    proc = subprocess.Popen(command(many, out, model_path, "--subjects-per-worker", "1"),
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("subjects/*/done.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "ended before the Ctrl-C"
@@ -72,7 +74,7 @@ def test_ctrl_c_stops_like_sigterm_and_keeps_what_is_finished(
     assert stdout.count("To resume, run the same command again") == 1
     record = json.loads((out / "run.json").read_text())
     finished = len(list(out.glob("subjects/*/done.json")))
-    assert record["stopped"] is True and 1 <= finished < 4
+    assert record["stopped"] is True and 1 <= finished < 12
     assert pd.read_parquet(out / "similarities")["subject_id"].nunique() == finished
     assert main(["gather", str(out)]) == 1  # the rest are pending: say so
     assert not [p for p in psutil.Process().children(recursive=True)
