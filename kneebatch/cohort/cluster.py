@@ -297,6 +297,8 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"Cannot reach the dask scheduler at {target} ({exc}). {fix}") from exc
         with client:
+            with contextlib.suppress(TimeoutError, OSError):  # none yet: the run waits for them
+                client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
             workers = client.scheduler_info().get("workers", {})
             log.info("joined scheduler %s with %d workers", target, len(workers))
             for worker in workers.values():  # a worker too small for the model fails the run now

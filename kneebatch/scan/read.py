@@ -153,16 +153,16 @@ def read_ct_slice(spec: SubjectSpec, timeout_s: float = READ_TIMEOUT_S) -> np.nd
 
 def _read_ct_slice(spec: SubjectSpec, role: str, path: Path) -> np.ndarray:
     reader = sitk.ImageFileReader()
-    if path.is_dir():
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
-        reader.SetFileName(files[len(files) // 2])
-    else:
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        size = list(reader.GetSize())
-        reader.SetExtractIndex([0, 0, size[2] // 2])
-        reader.SetExtractSize([size[0], size[1], 1])
     try:
+        if path.is_dir():
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
+            reader.SetFileName(files[len(files) // 2])
+        else:
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = list(reader.GetSize())
+            reader.SetExtractIndex([0, 0, size[2] // 2])
+            reader.SetExtractSize([size[0], size[1], 1])
         return sitk.GetArrayFromImage(reader.Execute())
     except RuntimeError as exc:
         raise input_error(spec, role, path, "cannot be read as an image", "Give a NIfTI, NRRD, "
