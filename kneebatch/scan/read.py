@@ -127,6 +127,9 @@ def mask_values(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
     return values
 
 
+_INTEGER_PIXELS = {sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
+                   sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64}
+
 ANATOMY_FIX = ("Give the right values with --labels tibia=V,femur=V or the manifest's tibia_label "
                "/ femur_label columns; if the labels are right, the file's orientation header is "
                "wrong: fix it")
@@ -225,11 +228,13 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
     mask = match_mask_grid(spec, ct, read_image(spec, "mask", spec.mask, read_timeout_s),
                            config.resample_mask)
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.GetDirection())
-    ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
-    mask = sitk.DICOMOrient(mask, "LPS")
+    whole = ct.GetPixelID() in _INTEGER_PIXELS  # whole numbers: never NaN or inf
+    ct = sitk.Cast(ct, sitk.sitkFloat32)
+    if orientation != "LPS":  # a file already in LPS needs no reorienting copy
+        ct, mask = sitk.DICOMOrient(ct, "LPS"), sitk.DICOMOrient(mask, "LPS")
     ct, mask, oblique = axis_aligned(spec, ct, mask)
     ct_hu = sitk.GetArrayFromImage(ct)
-    if not np.all(np.isfinite(ct_hu)):
+    if not whole and not np.all(np.isfinite(ct_hu)):
         bad = int(np.count_nonzero(~np.isfinite(ct_hu)))
         raise input_error(spec, "CT", spec.ct, f"holds {bad} NaN or infinite voxels",
                     "Fix the export (NaN is not a HU value) or replace them, e.g. with -1000.")
