@@ -165,7 +165,8 @@ def plan_run(manifest: Path, out: Path, model_path: Path, options: RunOptions,
         else:
             why = result_problem(out, spec.subject_id) if state is State.DAMAGED else ""
             redo.append((spec.subject_id, why or REASONS[state]))
-    todo = [s for s in mine if s.subject_id in set(compute) | {r[0] for r in redo}]
+    wanted = set(compute) | {subject for subject, _ in redo}
+    todo = [s for s in mine if s.subject_id in wanted]
     local = not (cluster.scheduler_file or cluster.scheduler_address or cluster.slurm)
     workers, threads = layout(cluster) if local else (0, cluster.threads_per_worker or 1)
     memory = cluster.memory_limit_bytes or (job_memory_bytes()[0] // workers if workers else 0)
