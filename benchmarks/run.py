@@ -22,30 +22,6 @@ from pathlib import Path
 
 
 # ---------------------------------------------------------------- child-process measurements
-def _flops(shapes: list[tuple[int, ...]], layers: tuple[str, ...]) -> float:
-    """FLOPs of the forward passes (torch.utils.flop_counter on meta tensors: nothing computed)."""
-    import copy
-
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from kneebatch.network.model import grey_input
-    from kneebatch.network.modelfile import architecture
-
-    net = copy.deepcopy(grey_input(architecture(), "grey")).to("meta")
-    children = list(net.named_children())
-    deepest = max(i for i, (name, _) in enumerate(children) if name in layers)
-    total = 0.0
-    for shape in shapes:
-        counter = FlopCounterMode(display=False)
-        x = torch.empty((1, 1, *shape), device="meta")
-        with counter, torch.no_grad():
-            for _, module in children[: deepest + 1]:
-                x = module(x)
-        total += counter.get_total_flops()
-    return total
-
-
 def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
     """The seed's way: rebuild + load the model, whole masked volumes at native resolution."""
     import numpy as np
@@ -53,6 +29,7 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
     import torch
     from torchvision.models import densenet121
 
+    from kneebatch.network.flops import forward_flops
     from kneebatch.network.inflate import collapse_input_channels, inflate
 
     start = time.perf_counter()
@@ -87,7 +64,7 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
             h.remove()
         vectors[region] = {k: v[0].numpy() for k, v in outputs.items()}
     return {"knee_s": time.perf_counter() - start, "forward_s": forward,
-            "gflop": _flops(shapes, layers) / 1e9}
+            "gflop": forward_flops(shapes, layers) / 1e9}
 
 
 def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]:
@@ -96,6 +73,7 @@ def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]
     from kneebatch.extract.pipeline import compute_subject
     from kneebatch.inputs.manifest import SubjectSpec
     from kneebatch.network.cache import get_model
+    from kneebatch.network.flops import forward_flops
     from kneebatch.runtime import configure_compute, usable_cpus
 
     configure_compute(usable_cpus())
@@ -107,7 +85,7 @@ def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]
     knee = time.perf_counter() - start
     forward = sum(v for k, v in result.timings_s.items() if k.startswith("forward."))
     return {"knee_s": knee, "forward_s": forward,
-            "gflop": _flops(list(result.shapes.values()), config.layers) / 1e9,
+            "gflop": forward_flops(list(result.shapes.values()), config.layers) / 1e9,
             **{f"stage_{k}": v for k, v in result.timings_s.items()}}
 
 

@@ -33,7 +33,7 @@ from kneebatch.results.subject_files import (
 from kneebatch.scan.headers import check_headers
 
 STARTUP_S = 8.0  # LocalCluster start and one model load per worker (5-12 s measured on 2 cores)
-NETWORK_EFFICIENCY = 0.5  # the network's GFLOP/s over a plain 3x3x3 convolution's (measured 0.43-0.56)
+NETWORK_EFFICIENCY = 0.4  # the network's GFLOP/s over a plain 3x3x3 convolution's (measured 0.34-0.44)
 REASONS = {State.CHANGED: "inputs, settings or model changed since it was finished",
            State.DAMAGED: "its result files are damaged", State.LINKED: "a linked folder"}
 
@@ -95,26 +95,17 @@ def _calibrate(spec: SubjectSpec, options: RunOptions, threads: int) -> float:
     """Seconds of one knee, measured: its read and preprocessing for real, its forward pass from
     the network's FLOPs at this machine's measured 3D-convolution rate on ``threads``."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from kneebatch.config import REGIONS
     from kneebatch.extract.pipeline import Stage, prepare_subject
-    from kneebatch.network.modelfile import architecture
+    from kneebatch.network.flops import forward_flops
 
     start = time.perf_counter()
     prepared = prepare_subject(spec, options.config, stage=Stage(),
                                read_timeout_s=options.read_timeout_s)
     prepare_s = time.perf_counter() - start
-    network = architecture()
-    conv0 = network.conv0
-    assert isinstance(conv0, torch.nn.Conv3d)
-    channels = conv0.in_channels
-    flops = 0
-    for name in REGIONS:
-        shape = prepared.regions.region(name)[0].shape
-        with FlopCounterMode(display=False) as counter:
-            network(torch.empty(1, channels, *shape, device="meta"))
-        flops += counter.get_total_flops()
+    flops = forward_flops([prepared.regions.region(name)[0].shape for name in REGIONS],
+                          options.config.layers)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
