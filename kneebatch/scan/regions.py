@@ -110,36 +110,50 @@ def _sigmas_voxels(spacing_mm: tuple[float, ...], target_mm: float) -> list[floa
 COARSE_MM = 4.0  # the box of what is above the body threshold is found on a grid this coarse
 
 
-def _smoothed_in_box(scan: Scan, config: ExtractionConfig, target_mm: float
-                     ) -> tuple[np.ndarray, Box | None]:
-    """The window-clipped CT, anti-aliased only inside the native box that holds every voxel
-    above the body threshold (seen on a coarse copy) and every labelled voxel, grown by the
-    filter's reach and a coarse step; the HU window's low end (air) outside it.
+def _antialiased(scan: Scan, config: ExtractionConfig, target_mm: float, in_box: bool
+                 ) -> tuple[np.ndarray, Box | None]:
+    """The window-clipped CT, Gaussian-smoothed along the axes that get coarser (scipy's separable
+    filter: 2.5x faster here than SimpleITK's recursive one on a 512 x 512 x 200 CT).
 
-    Every grid voxel the body mask looks at as possibly body, and every voxel the network is fed
-    (body, bones), then takes exactly the values of a whole-volume filter: the filter's reach from
-    any of them stays inside the box. Only air far from anything above the threshold differs, and
-    it is never fed (tests compare both ways).
+    With ``in_box``, smoothed only inside the native box that holds every voxel above the body
+    threshold (seen on a coarse copy) and every labelled voxel, grown by the filter's reach and a
+    coarse step, with the HU window's low end (air) outside it. Every grid voxel the body mask
+    looks at as possibly body, and every voxel the network is fed (body, bones), then takes
+    exactly the values of a whole-volume filter: the filter's reach from any of them stays inside
+    the box. Only air far from anything above the threshold differs, and it is never fed (tests
+    compare both ways).
+
+    Returns:
+        The volume and the box it was smoothed in (None: the whole volume, or not smoothed).
     """
     sigmas = _sigmas_voxels(scan.spacing_mm, target_mm)
     clipped = (config.hu_min, config.hu_max)
-    if not any(sigmas):
+    if not (config.antialias and any(sigmas)):
         return np.clip(scan.ct_hu, *clipped), None
+    box = _smoothing_box(scan, config, sigmas) if in_box else None
+    if box is None:
+        return ndimage.gaussian_filter(np.clip(scan.ct_hu, *clipped), sigmas, output=np.float32,
+                                       mode="nearest"), None
+    inside = tuple(slice(a, b) for a, b in box)
+    out = np.full(scan.ct_hu.shape, config.hu_min, dtype=np.float32)
+    out[inside] = ndimage.gaussian_filter(np.clip(scan.ct_hu[inside], *clipped), sigmas,
+                                          output=np.float32, mode="nearest")
+    return out, box
+
+
+def _smoothing_box(scan: Scan, config: ExtractionConfig, sigmas: list[float]) -> Box | None:
+    """See ``_antialiased``; None when nothing is above the threshold or labelled."""
     steps = [max(1, int(COARSE_MM // s)) for s in scan.spacing_mm]
     above = scan.ct_hu[::steps[0], ::steps[1], ::steps[2]] > config.body_threshold_hu
     spans = [s for s in (_extent(above, steps), _extent(scan.mask != 0, [1, 1, 1])) if s]
     if not spans:
-        return _smoothed_whole(scan, config, sigmas), None
+        return None
     box = []
     for axis, n in enumerate(scan.ct_hu.shape):
         reach = int(4.0 * sigmas[axis] + 0.5) + steps[axis] + 2  # scipy's truncate = 4
         box.append((max(0, min(s[axis][0] for s in spans) - reach),
                     min(n, max(s[axis][1] for s in spans) + reach)))
-    inside = tuple(slice(a, b) for a, b in box)
-    out = np.full(scan.ct_hu.shape, config.hu_min, dtype=np.float32)
-    out[inside] = ndimage.gaussian_filter(np.clip(scan.ct_hu[inside], *clipped), sigmas,
-                                          output=np.float32, mode="nearest")
-    return out, tuple(box)
+    return tuple(box)
 
 
 def _extent(found: np.ndarray, steps: list[int]) -> tuple[tuple[int, int], ...] | None:
@@ -150,20 +164,9 @@ def _extent(found: np.ndarray, steps: list[int]) -> tuple[tuple[int, int], ...] 
     return tuple((a * step, b * step) for (a, b), step in zip(box, steps, strict=True))
 
 
-def _smoothed_whole(scan: Scan, config: ExtractionConfig, sigmas: list[float]) -> np.ndarray:
-    return ndimage.gaussian_filter(np.clip(scan.ct_hu, config.hu_min, config.hu_max), sigmas,
-                                   output=np.float32, mode="nearest")
-
-
 def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float,
-              interpolator: int, default: float, antialias: bool = False) -> np.ndarray:
-    """Resample a (z, y, x) array to isotropic ``target_mm``, keeping the field of view; with
-    ``antialias``, Gaussian-smooth first along the axes that get coarser (scipy's separable
-    filter: 2.5x faster here than SimpleITK's recursive one on a 512 x 512 x 200 CT)."""
-    if antialias:
-        sigmas = _sigmas_voxels(spacing_mm, target_mm)
-        if any(sigmas):
-            array = ndimage.gaussian_filter(array, sigmas, output=np.float32, mode="nearest")
+              interpolator: int, default: float) -> np.ndarray:
+    """Resample a (z, y, x) array to isotropic ``target_mm``, keeping the field of view."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(reversed(spacing_mm)))  # SimpleITK order is (x, y, z)
     old_spacing = np.array(image.GetSpacing())
@@ -210,15 +213,10 @@ def make_regions(scan: Scan, config: ExtractionConfig, *, smooth_in_box: bool = 
     mask = scan.mask
     spacing = scan.spacing_mm
     smoothed_box = None
-    if config.spacing_mm is not None and config.antialias and config.crop is CropMode.BBOX \
-            and smooth_in_box:
-        ct, smoothed_box = _smoothed_in_box(scan, config, config.spacing_mm)
+    if config.spacing_mm is not None:
+        ct, smoothed_box = _antialiased(scan, config, config.spacing_mm,
+                                        smooth_in_box and config.crop is CropMode.BBOX)
         ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min)
-        mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
-        spacing = (config.spacing_mm,) * 3
-    elif config.spacing_mm is not None:
-        ct = _resample(np.clip(scan.ct_hu, config.hu_min, config.hu_max), spacing,
-                       config.spacing_mm, sitk.sitkLinear, config.hu_min, config.antialias)
         mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
         spacing = (config.spacing_mm,) * 3
     else:
