@@ -9,9 +9,8 @@ import dataclasses
 from kneebatch.config import READ_TIMEOUT_S
 from kneebatch.inputs.labels import BACKGROUND, value_counts
 from kneebatch.inputs.manifest import SubjectSpec
-from kneebatch.scan.anatomy import check_anatomy
 from kneebatch.scan.bilateral import labelled_on_both_sides
-from kneebatch.scan.read import ANATOMY_FIX, check_ct_values, read_ct_slice, read_mask
+from kneebatch.scan.read import anatomy_warnings, check_ct_values, read_ct_slice, read_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +37,7 @@ def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> Mas
 
     Raises:
         InputImageError: the mask or the CT's slice cannot be read, the mask is no label map or
-            the CT is one (swapped columns?).
+            the CT is one (swapped columns?), the femur lies below the tibia.
     """
     check_ct_values(spec, read_ct_slice(spec, read_timeout_s))
     mask, image = read_mask(spec, read_timeout_s)
@@ -55,11 +54,8 @@ def check_mask(spec: SubjectSpec, read_timeout_s: float = READ_TIMEOUT_S) -> Mas
     known = {BACKGROUND, *spec.labels.tibia, *spec.labels.femur}
     other = {v: n for v, n in counts.items() if v not in known}
     notes = [f"values {_listing(other)} belong to no region (air in all three)"] if other else []
-    if not problems:
-        anatomy = check_anatomy(image, spec.labels.canonical(mask)[0], spec.side, spec.bilateral)
-        if anatomy.problem:
-            problems.append(f"mask {spec.mask}: {anatomy.problem}. {ANATOMY_FIX}")
-        notes.extend(anatomy.warnings)
+    if not problems:  # femur below tibia raises, as in run
+        notes.extend(anatomy_warnings(spec, image, spec.labels.canonical(mask)[0]))
     if spec.side in ("L", "R", None) and not spec.bilateral and labelled_on_both_sides(
             mask, image.GetSpacing()[0]):
         notes.append(f"the mask labels bones in both legs, but side is {spec.side or 'empty'}: a "

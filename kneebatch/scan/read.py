@@ -130,9 +130,19 @@ def mask_values(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
 _INTEGER_PIXELS = {sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
                    sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64}
 
-ANATOMY_FIX = ("Give the right values with --labels tibia=V,femur=V or the manifest's tibia_label "
-               "/ femur_label columns; if the labels are right, the file's orientation header is "
-               "wrong: fix it")
+def anatomy_warnings(spec: SubjectSpec, image: sitk.Image, labels: np.ndarray) -> tuple[str, ...]:
+    """``check_anatomy`` for ``run`` and ``validate`` alike: its warnings, its problem raised.
+
+    Raises:
+        InputImageError: the femur lies below the tibia (labels swapped?).
+    """
+    anatomy = check_anatomy(image, labels, spec.side, spec.bilateral)
+    if anatomy.problem:
+        raise input_error(spec, "mask", spec.mask, anatomy.problem, "Give the right values with "
+                          "--labels tibia=V,femur=V or the manifest's tibia_label / femur_label "
+                          "columns; if the labels are right, the file's orientation header is "
+                          "wrong: fix it.")
+    return anatomy.warnings
 
 
 def check_ct_values(spec: SubjectSpec, sample: np.ndarray) -> None:
@@ -185,10 +195,7 @@ def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[
         shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
         warnings.append(f"mask {spec.mask} holds labels {shown} besides 0 and {spec.labels}; "
                         "those voxels belong to no region (set to air in all three)")
-    anatomy = check_anatomy(mask, labels, spec.side, spec.bilateral)
-    if anatomy.problem:
-        raise input_error(spec, "mask", spec.mask, anatomy.problem, ANATOMY_FIX + ".")
-    warnings.extend(anatomy.warnings)
+    warnings.extend(anatomy_warnings(spec, mask, labels))
     for warning in warnings:
         log.warning("Subject %s: %s", spec.subject_id, warning)
     return labels, warnings
