@@ -37,7 +37,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from kneebatch.cohort.task import process_subject
     from kneebatch.inputs.manifest import knees, subject_spec
     from kneebatch.network.cache import get_model
-    from kneebatch.network.options import compute_dtype
+    from kneebatch.network.options import check_precision
     from kneebatch.outdir.folder import open_out
     from kneebatch.outdir.records import SettingsRecord
     from kneebatch.results.subject_files import read_similarities, subject_dir
@@ -46,7 +46,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     specs = knees(subject_spec(args.subject_id, args.ct, args.mask, args.side, args.labels))
     configure_compute(args.threads or usable_cpus())
-    compute_dtype(config.precision)
+    check_precision(config.precision)
     model_path = model_file(args)
     # A bad model file is a usage error (exit 2), not a subject's.
     model = get_model(model_path, config.input_norm, config.conv_padding)

@@ -172,7 +172,8 @@ def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        scheduler_address=args.scheduler_address, tls_dir=args.tls_dir,
                        memory_limit_bytes=memory,
                        slurm=slurm, dashboard=args.dashboard,
-                       subjects_per_worker=args.subjects_per_worker)
+                       subjects_per_worker=args.subjects_per_worker,
+                       wait_workers=getattr(args, "wait_workers", 1))
 
 
 def add_slurm_options(parser: argparse.ArgumentParser) -> None:

@@ -199,6 +199,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler-file", default=None, help="join this dask scheduler")
     where.add_argument("--scheduler-address", default=None, help="join this dask scheduler")
+    p.add_argument("--wait-workers", type=int, default=1, metavar="N",
+                   help="with --scheduler-file/-address: wait up to 2 minutes for N workers and "
+                        "check their memory before the first subject (default 1; the job "
+                        "scripts pass their task count)")
     p.add_argument("--dry-run", action="store_true",
                    help="say what the run would compute, skip and redo (and why), with an "
                         "estimate of its wall time and memory per worker; nothing is computed, "

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 ALLOWED_FAILURES = 1  # a subject whose worker dies is run once more, then fails at stage `worker`
 CONNECT_TIMEOUT_S = 30
+JOIN_WAIT_S = 120  # a joined scheduler's workers: as long as `dask worker --death-timeout`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,8 @@ class ClusterSpec:
         threads_per_worker: compute threads per worker (0: CPUs / workers; on a joined scheduler
             1 per task slot).
         scheduler_file, scheduler_address: join this scheduler instead of starting one.
+        wait_workers: on a joined scheduler, wait up to ``JOIN_WAIT_S`` for this many workers
+            (their memory is checked before the first subject; later ones join as they come).
         tls_dir: connect to it with the credentials of ``kneebatch tls-credentials`` (None: dask's
             own ``distributed.comm.tls.*`` configuration).
         memory_limit_bytes: per worker (0: the job's memory / workers).
@@ -197,6 +200,12 @@ class ClusterSpec:
     slurm: SlurmOptions | None = None
     dashboard: bool = False
     subjects_per_worker: int = 2
+    wait_workers: int = 1
+
+    @property
+    def local(self) -> bool:
+        """Whether ``open_client`` starts the workers here (a LocalCluster)."""
+        return not (self.scheduler_file or self.scheduler_address or self.slurm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,10 +306,16 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"Cannot reach the dask scheduler at {target} ({exc}). {fix}") from exc
         with client:
-            with contextlib.suppress(TimeoutError, OSError):  # none yet: the run waits for them
-                client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+            wait = max(1, spec.wait_workers)
+            with contextlib.suppress(TimeoutError, OSError):  # too few yet: the run goes on
+                client.wait_for_workers(wait, timeout=CONNECT_TIMEOUT_S if wait == 1
+                                        else JOIN_WAIT_S)
             workers = client.scheduler_info().get("workers", {})
             log.info("joined scheduler %s with %d workers", target, len(workers))
+            if len(workers) < wait:
+                log.warning("%d of the %d workers asked for (--wait-workers) joined within "
+                            "%d s; the others get subjects when they join", len(workers), wait,
+                            JOIN_WAIT_S)
             for worker in workers.values():  # a worker too small for the model fails the run now
                 if worker.get("memory_limit"):
                     check_worker_memory(int(worker["memory_limit"]), f"the memory limit of "

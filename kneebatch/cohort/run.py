@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -13,26 +14,23 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-import torchvision
 from distributed import Client, get_worker
 
 from kneebatch import __version__
 from kneebatch.cohort.cluster import ClusterSpec, Connection, open_client, subject_resources
 from kneebatch.cohort.outcome import SubjectOutcome
 from kneebatch.cohort.scheduling import consume
-from kneebatch.cohort.task import process_subject
 from kneebatch.config import READ_TIMEOUT_S, SUBJECT_TIMEOUT_S, ExtractionConfig
 from kneebatch.errors import ConfigError
 from kneebatch.inputs.extras import column_types
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.network.modelfile import check_model_file
-from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
-from kneebatch.network.weights import file_sha256
+from kneebatch.network.options import FAST, ForwardOptions, check_precision
+from kneebatch.network.provenance import file_sha256, our_model_info
 from kneebatch.outdir.failures import (
     current_failures,
     save_row_problems,
@@ -41,6 +39,7 @@ from kneebatch.outdir.failures import (
 from kneebatch.outdir.folder import (
     open_out,
     read_manifest_record,
+    refuse_other_settings,
     save_manifest,
     save_run_record,
     unwritable,
@@ -152,6 +151,8 @@ def shard(specs: list[SubjectSpec], part: str | None) -> list[SubjectSpec]:
 def _run_one(spec: SubjectSpec, options: RunOptions, model_path: Path, out: Path, run_id: str,
              threads: int) -> SubjectOutcome:
     """The task a worker runs: set this process's threads once, then process the subject."""
+    from kneebatch.cohort.task import process_subject  # torch: imported on the workers only
+
     configure_compute(threads)
     limit = get_worker().memory_manager.memory_limit
     return process_subject(spec, options.config, model_path, out, run_id=run_id,
@@ -170,14 +171,10 @@ def _stage_totals(outcomes: list[SubjectOutcome]) -> dict[str, float]:
 
 
 def _versions() -> dict[str, str]:
-    import distributed
-    import numpy
-    import SimpleITK
-
+    """This environment's versions, read without importing torch (the driver never needs it)."""
+    names = ("numpy", "SimpleITK", "torch", "torchvision", "distributed")
     return {"kneebatch": __version__, "python": platform.python_version(),
-            "numpy": numpy.__version__, "SimpleITK": SimpleITK.Version.VersionString(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "distributed": distributed.__version__}
+            **{name: metadata.version(name) for name in names}}
 
 
 def _slurm_ids() -> dict[str, str]:
@@ -243,75 +240,75 @@ def run_cohort(
         problems_here: list[RowProblem] = []  # unusable rows count in shard 0 only
     else:
         problems_here = problems
-    compute_dtype(config.precision)  # a precision this CPU lacks: refused before anything runs
-    info = check_model_file(model_path)
+    check_precision(config.precision)  # a precision this CPU lacks: refused before anything runs
+    info = our_model_info(model_path)  # sidecar and sha256; its tensors: ``_check_model``
     if info.source.is_random:
         log.warning("MODEL WEIGHTS ARE RANDOM (%s): these features are for testing only",
                     info.weights)
     config_hash = config.hash()
+    settings = SettingsRecord(config_hash, info.sha256, info.weights, config.to_dict())
+    refuse_other_settings(out, settings, overwrite=overwrite)  # before any cluster starts
     types = column_types(((s.subject_id, s.extra) for s in specs), options.column_types)
-    run_id = open_out(out, SettingsRecord(config_hash, info.sha256, info.weights, config.to_dict()),
-                      command="run", overwrite=overwrite)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     keys = {s.subject_id: subject_key(s, config_hash, info.sha256) for s in specs}
-    previous = read_manifest_record(out)
-    manifest_record = ManifestRecord(keys, str(manifest_path.resolve()) if manifest_path else None,
-                                     file_sha256(manifest_path) if manifest_path else None,
-                                     types, {s.subject_id: s.extra for s in specs})
-    save_manifest(out, manifest_record)
     states = {s.subject_id: result_state(
         out, s.subject_id, keys[s.subject_id],
         functools.partial(legacy_key, s, config_hash, info.sha256)) for s in mine}
     todo = [s for s in mine if overwrite or states[s.subject_id] is not State.FINISHED]
     kept = [s for s in mine if not overwrite and states[s.subject_id] is State.FINISHED]
-    updated = _covariates_updated(out, kept, previous)
-    if updated:
-        log.info("covariates updated for %d finished subject(s): joined at gather, no knee "
-                 "recomputed", updated)
-    changed = sum(states[s.subject_id] in (State.CHANGED, State.DAMAGED) for s in todo)
-    if len(mine) > len(todo):
-        log.info("skipping %d subject(s) already finished with these inputs and settings "
-                 "(--overwrite recomputes them)", len(mine) - len(todo))
-    if changed:
-        log.info("redoing %d subject(s) whose inputs, settings or result files changed", changed)
-    save_row_problems(out, problems, run_id)
-    try:
-        write_failures_csv(out, current_failures(out, keys))
-    except OSError as exc:
-        raise unwritable(out, exc) from exc
-    record = RunRecord(
-        run_id=run_id, started=started.isoformat(timespec="seconds"),
-        config_hash=config_hash, config=config.to_dict(), model_sha256=info.sha256,
-        weights=info.weights, versions=_versions(),
-        model_built_with={"torch": info.torch, "torchvision": info.torchvision,
-                          "kneebatch": info.kneebatch},
-        manifest=manifest_record.path, manifest_sha256=manifest_record.sha256,
-        labels=str(labels or LabelMap()), command=list(sys.argv), host=socket.gethostname(),
-        pid=os.getpid(),
-        slurm=_slurm_ids(), shard=part, options=options.to_dict())
-    save_run_record(out, record)  # a run in progress, for `kneebatch status`
-    if on_start:
-        on_start(len(todo))
     outcomes: list[SubjectOutcome] = []
     slots: list[int] = []
     stopped = False
-    if todo:
-        task = functools.partial(_run_one, options=options, model_path=model_path.resolve(),
-                                 out=out.resolve(), run_id=run_id)
-
-        def run_on(connection: Connection) -> bool:
+    with contextlib.ExitStack() as stack:
+        connection = None
+        if todo:  # the cluster starts, and the model is checked, before OUT is touched
+            connection = _connect(stack, client, cluster)
+            _check_model(connection, model_path.resolve(),
+                         on_worker=client is None and (cluster or ClusterSpec()).local)
+        run_id = open_out(out, settings, command="run", overwrite=overwrite)
+        previous = read_manifest_record(out)
+        manifest_record = ManifestRecord(
+            keys, str(manifest_path.resolve()) if manifest_path else None,
+            file_sha256(manifest_path) if manifest_path else None, types,
+            {s.subject_id: s.extra for s in specs})
+        save_manifest(out, manifest_record)
+        updated = _covariates_updated(out, kept, previous)
+        if updated:
+            log.info("covariates updated for %d finished subject(s): joined at gather, no knee "
+                     "recomputed", updated)
+        changed = sum(states[s.subject_id] in (State.CHANGED, State.DAMAGED) for s in todo)
+        if len(mine) > len(todo):
+            log.info("skipping %d subject(s) already finished with these inputs and settings "
+                     "(--overwrite recomputes them)", len(mine) - len(todo))
+        if changed:
+            log.info("redoing %d subject(s) whose inputs, settings or result files changed",
+                     changed)
+        save_row_problems(out, problems, run_id)
+        try:
+            write_failures_csv(out, current_failures(out, keys))
+        except OSError as exc:
+            raise unwritable(out, exc) from exc
+        record = RunRecord(
+            run_id=run_id, started=started.isoformat(timespec="seconds"),
+            config_hash=config_hash, config=config.to_dict(), model_sha256=info.sha256,
+            weights=info.weights, versions=_versions(),
+            model_built_with={"torch": info.torch, "torchvision": info.torchvision,
+                              "kneebatch": info.kneebatch},
+            manifest=manifest_record.path, manifest_sha256=manifest_record.sha256,
+            labels=str(labels or LabelMap()), command=list(sys.argv), host=socket.gethostname(),
+            pid=os.getpid(),
+            slurm=_slurm_ids(), shard=part, options=options.to_dict())
+        save_run_record(out, record)  # a run in progress, for `kneebatch status`
+        if on_start:
+            on_start(len(todo))
+        if connection is not None:
+            task = functools.partial(_run_one, options=options, model_path=model_path.resolve(),
+                                     out=out.resolve(), run_id=run_id)
             slots.append(len(connection.client.scheduler_info().get("workers", {})))
-            return consume(connection, todo, task, out=out, run_id=run_id, subjects=list(keys),
-                           outcomes=outcomes, on_progress=on_progress, stop=stop)
-
-        if client is not None:
-            # A cluster we did not start: each of its task slots is one CPU unless told otherwise.
-            stopped = run_on(Connection(client, getattr(cluster, "threads_per_worker", 0) or 1,
-                                        subject_resources(client)))
-        else:
-            with open_client(cluster or ClusterSpec()) as connection:
-                stopped = run_on(connection)
+            stopped = consume(connection, todo, task, out=out, run_id=run_id,
+                              subjects=list(keys), outcomes=outcomes, on_progress=on_progress,
+                              stop=stop)
     ok = sum(o.ok for o in outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
     skipped = len(mine) - len(todo) + sum(o.status == "skipped" for o in outcomes)
@@ -330,6 +327,42 @@ def run_cohort(
     return RunSummary(run_id, len(mine) + len(problems_here), ok, failed + len(problems_here), skipped,
                       wall_s, out, stopped, changed, pending, left_out, updated,
                       sum(o.internal for o in outcomes))
+
+
+def _connect(stack: contextlib.ExitStack, client: Client | None,
+             cluster: ClusterSpec | None) -> Connection:
+    """A connection to the given client (a cluster we did not start: each of its task slots is
+    one CPU unless told otherwise), or to the cluster ``cluster`` describes, closed with
+    ``stack``."""
+    if client is not None:
+        return Connection(client, getattr(cluster, "threads_per_worker", 0) or 1,
+                          subject_resources(client))
+    return stack.enter_context(open_client(cluster or ClusterSpec()))
+
+
+def _check_model(connection: Connection, model_path: Path, *, on_worker: bool) -> None:
+    """Check the model file's tensors before any subject starts (``check_model_file``).
+
+    On workers this run started, the check is their first task: they import torch and the
+    compute modules for it, which they need anyway, and this process never imports torch. On a
+    cluster we joined or whose workers are still queued, the check runs here.
+
+    Raises:
+        WeightsError: the file is not a kneebatch model.
+    """
+    if not on_worker:
+        _model_check(model_path)
+        return
+    connection.client.submit(_model_check, model_path, pure=False,
+                             resources=connection.resources).result()
+
+
+def _model_check(model_path: Path) -> None:
+    """``check_model_file``, importing torch where it runs."""
+    from kneebatch.cohort import task  # noqa: F401  (on a worker: what its subjects need)
+    from kneebatch.network.modelfile import check_model_file
+
+    check_model_file(model_path)
 
 
 def _covariates_updated(out: Path, finished: list[SubjectSpec],

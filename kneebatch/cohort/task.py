@@ -18,7 +18,7 @@ from kneebatch.extract.pipeline import Stage, SubjectResult, forward_subject, pr
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.cache import get_model, model_info
 from kneebatch.network.model import LoadedModel
-from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
+from kneebatch.network.options import FAST, ForwardOptions, check_precision
 from kneebatch.outdir.claims import claim
 from kneebatch.outdir.key import subject_key
 from kneebatch.outdir.records import DoneRecord, RegionRecord, parse_dataclass
@@ -129,7 +129,7 @@ def process_subject(spec: SubjectSpec, config: ExtractionConfig, model_path: Pat
             if memory_limit_bytes:
                 with stage("memory"):
                     check_memory(spec, config, memory_limit_bytes, read_timeout_s)
-            compute_dtype(config.precision)  # refuse bf16 on this CPU before reading anything
+            check_precision(config.precision)  # refuse bf16 on this CPU before reading anything
             with SUBJECTS_IN_PROGRESS.hold():
                 prepared = prepare_subject(spec, config, stage=stage,
                                            read_timeout_s=read_timeout_s)

@@ -21,7 +21,7 @@ from kneebatch.extract.similarity import similarities
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.network.features import extract_features
 from kneebatch.network.model import LoadedModel
-from kneebatch.network.options import FAST, ForwardOptions, compute_dtype
+from kneebatch.network.options import FAST, ForwardOptions, check_precision, compute_dtype
 from kneebatch.runtime import release_memory
 from kneebatch.scan.read import load_scan
 from kneebatch.scan.region_stats import RegionStats, region_stats
@@ -177,7 +177,7 @@ def compute_subject(spec: SubjectSpec, config: ExtractionConfig, model: LoadedMo
         KneebatchError: bad input (file, geometry, labels), or a precision this CPU lacks.
     """
     track = stage or Stage()
-    compute_dtype(config.precision)  # refuse bf16 on this CPU before reading anything
+    check_precision(config.precision)  # refuse bf16 on this CPU before reading anything
     prepared = prepare_subject(spec, config, stage=track,
                                read_timeout_s=read_timeout_s)
     return forward_subject(spec, prepared, config, model, stage=track, options=options)

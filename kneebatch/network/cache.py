@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kneebatch.config import ConvPadding, InputNorm
 from kneebatch.network.model import LoadedModel, load_model
-from kneebatch.network.modelfile import ModelInfo, our_model_info
+from kneebatch.network.provenance import ModelInfo, our_model_info
 
 _loads = 0
 _load_lock = threading.Lock()

@@ -17,7 +17,8 @@ from kneebatch.config import ConvPadding, InputNorm
 from kneebatch.errors import WeightsError
 from kneebatch.network.inflate import collapse_input_channels
 from kneebatch.network.lean import lean_forward, make_lean
-from kneebatch.network.modelfile import ModelInfo, architecture, not_ours, our_model_info
+from kneebatch.network.modelfile import architecture
+from kneebatch.network.provenance import ModelInfo, not_ours, our_model_info
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kneebatch.config import Precision
 from kneebatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +62,26 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_precision(precision: Precision) -> None:
+    """Refuse ``--precision bf16`` on a CPU without native bfloat16 (it would be emulated,
+    slowly); needs no torch, so a run's driver refuses it before anything starts.
+
+    Raises:
+        ConfigError: naming the flags to look for and what to do.
+    """
+    if precision == "bf16" and not bf16_supported() and os.environ.get(EMULATED_BF16_ENV) != "1":
+        raise ConfigError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or "
+                          "AMX; see `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo`). This one "
+                          "has none: drop --precision or run on such nodes.")
+
+
 def compute_dtype(precision: Precision) -> torch.dtype:
     """The torch dtype of ``--precision``.
 
     Raises:
-        ConfigError: ``bf16`` on a CPU without native bfloat16 (it would be emulated, slowly).
+        ConfigError: see ``check_precision``.
     """
-    if precision != "bf16":
-        return torch.float32
-    if not bf16_supported() and os.environ.get(EMULATED_BF16_ENV) != "1":
-        raise ConfigError("--precision bf16 needs a CPU with native bfloat16 (AVX512-BF16 or "
-                          "AMX; see `grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo`). This one "
-                          "has none: drop --precision or run on such nodes.")
-    return torch.bfloat16
+    import torch
+
+    check_precision(precision)
+    return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -4,7 +4,6 @@ typed name of where the weights came from, recorded in every output."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import urllib.error
@@ -17,6 +16,7 @@ from torchvision.models import DenseNet121_Weights, densenet121
 from kneebatch.errors import WeightsError
 from kneebatch.network.checkpoints import is_published_imagenet, published_imagenet_prefix, state_kind
 from kneebatch.network.inflate import inflate
+from kneebatch.network.provenance import file_sha256
 from kneebatch.network.source import IMAGENET, WeightsSource
 
 log = logging.getLogger(__name__)
@@ -26,15 +26,6 @@ log = logging.getLogger(__name__)
 _OLD_KEYS = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

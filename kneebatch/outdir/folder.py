@@ -128,24 +128,34 @@ def claim_out(out: Path) -> None:
                           "writable --out.") from exc
 
 
-def check_settings(out: Path, settings: SettingsRecord, *, overwrite: bool) -> None:
-    """Make ``settings`` the folder's, refusing to mix them with results of other settings.
+def refuse_other_settings(out: Path, settings: SettingsRecord, *, overwrite: bool) -> bool:
+    """Whether OUT's results are made with ``settings`` (reads only).
 
     Raises:
         ConfigError: OUT holds results of other settings or another model, and not ``overwrite``.
     """
-    path = out / SETTINGS
-    current = SettingsRecord.read(path)
+    current = SettingsRecord.read(out / SETTINGS)
     if current is not None and current.config_hash == settings.config_hash \
             and current.model_sha256 == settings.model_sha256:
-        return
+        return True
     if current is not None and not overwrite:
         raise ConfigError(
             f"{out} holds results made with other settings or another model "
             f"({'; '.join(current.differs_from(settings))}). Choose a new --out for these "
             "settings, or add --overwrite to replace the results in this folder.")
+    return False
+
+
+def check_settings(out: Path, settings: SettingsRecord, *, overwrite: bool) -> None:
+    """Make ``settings`` the folder's, refusing to mix them with results of other settings.
+
+    Raises:
+        ConfigError: see ``refuse_other_settings``.
+    """
+    if refuse_other_settings(out, settings, overwrite=overwrite):
+        return
     try:
-        write_text_atomic(path, settings.to_json())
+        write_text_atomic(out / SETTINGS, settings.to_json())
     except OSError as exc:
         raise unwritable(out, exc) from exc
 

@@ -342,8 +342,7 @@ def test_a_model_file_that_is_not_ours_is_refused_before_compute(
 
     import torch
 
-    from kneebatch.network.modelfile import sidecar_path
-    from kneebatch.network.weights import file_sha256
+    from kneebatch.network.provenance import file_sha256, sidecar_path
 
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, other)
@@ -357,6 +356,20 @@ def test_a_model_file_that_is_not_ours_is_refused_before_compute(
     assert "is not a kneebatch" in err and "kneebatch build-model --weights FILE" in err
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_the_driver_of_a_local_run_never_imports_torch(cohort: Path, model_path: Path,
+                                                        tmp_path: Path) -> None:
+    """Issue 23: importing torch and torchvision costs the driver seconds it does not need; the
+    workers import them (and check the model file's tensors first: the test above)."""
+    argv = ["run", str(cohort), "--out", str(tmp_path / "out"), "--model", str(model_path), *FAST]
+    code = ("import sys; from kneebatch.cli.main import main; rc = main(sys.argv[1:]); "
+            "print('imported:', sorted({'torch', 'torchvision'} & set(sys.modules))); "
+            "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "imported: []"
+    assert len(pd.read_parquet(tmp_path / "out" / "similarities")["subject_id"].unique()) == 4
 
 
 def test_the_dashboard_serves_on_localhost_only_when_asked() -> None:
