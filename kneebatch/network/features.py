@@ -134,7 +134,8 @@ def extract_features(
     modules = list(children.items())[: deepest + 1]
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), lean_forward(options.lean_blocks, fmt), \
+        with torch.inference_mode(), lean_forward(options.lean_blocks, fmt,
+                                                              options.pool_first), \
                 onednn_forward(options.onednn):
             if options.stem_slabs and x.numel() >= SLAB_FROM_VOXELS:
                 x = stem_in_slabs(net, x, memory_format=fmt)

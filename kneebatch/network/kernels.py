@@ -6,6 +6,9 @@ is faster at every size measured here (a knee's forward 14-16% faster on 1 and 2
 and agrees to float32 rounding. bfloat16 keeps torch's choice (oneDNN's bf16 kernels need native
 support). ``ForwardOptions.onednn`` switches it per forward pass (a context variable, as
 ``lean_forward``); ``onednn_calls`` counts the calls so tests can see the fast path ran.
+A convolution followed by a ReLU (each dense layer's conv1, the stem's conv0) is one oneDNN call
+with the ReLU fused in (``conv3d_relu``): one pass fewer over its output, 6% of a 1x1x1
+convolution's time measured here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("kneebatch_onednn", default=False)
 _CALLS = 0
+_FUSED = 0
 AVAILABLE = torch.backends.mkldnn.is_available()
 
 
@@ -48,6 +52,25 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride),
                                                  list(dilation), groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def fused_relu_calls() -> int:
+    """How many of ``onednn_calls`` had their ReLU fused in (``conv3d_relu``)."""
+    return _FUSED
+
+
+def conv3d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: tuple[int, ...] = (1, 1, 1), padding: tuple[int, ...] = (0, 0, 0),
+                dilation: tuple[int, ...] = (1, 1, 1)) -> torch.Tensor:
+    """``relu(conv3d(...))``; one oneDNN call with the ReLU fused in when switched on."""
+    global _CALLS, _FUSED
+    if _ON.get() and x.dtype == torch.float32 and x.device.type == "cpu":
+        _CALLS += 1
+        _FUSED += 1
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding),
+                                                       list(stride), list(dilation), 1, "relu",
+                                                       [], "")
+    return F.conv3d(x, weight, bias, stride, padding, dilation).relu_()
 
 
 class OneDnnConv3d(nn.Conv3d):

@@ -29,17 +29,20 @@ class ForwardOptions:
         stem_slabs: DenseNet's stem in depth slabs for large inputs (``stem.py``).
         lean_blocks: dense blocks and transitions with the memory-lean forward (``lean.py``).
         onednn: every float32 convolution through oneDNN (``kernels.py``).
+        pool_first: lean transitions average-pool before their 1x1x1 convolution (``lean.py``).
     """
 
     channels_last: bool = True
     stem_slabs: bool = True
     lean_blocks: bool = True
     onednn: bool = True
+    pool_first: bool = True
 
     @classmethod
     def plain(cls) -> ForwardOptions:
         """torchvision's own forward, default memory format: the reference for the fast path."""
-        return cls(channels_last=False, stem_slabs=False, lean_blocks=False, onednn=False)
+        return cls(channels_last=False, stem_slabs=False, lean_blocks=False, onednn=False,
+                   pool_first=False)
 
     def to_dict(self) -> dict[str, bool]:
         """Plain JSON-ready form."""

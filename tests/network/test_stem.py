@@ -163,3 +163,39 @@ def test_every_float32_convolution_goes_through_onednn_with_the_same_numbers(
     assert kernels.onednn_calls() - before == ran  # switched off: torch's own kernels
     for layer in LAYERS:
         np.testing.assert_allclose(fast[layer], other[layer], rtol=0, atol=1e-5)
+
+
+def test_transitions_pool_before_their_convolution_with_the_same_numbers(
+        network: torch.nn.Sequential) -> None:
+    """Issue 23: a 1x1x1 convolution and a 2x2x2 average pool commute; pooling first does an
+    eighth of the convolution's work. Odd sizes check the dropped last rows."""
+    volume = np.random.default_rng(6).random(size=(67, 45, 71)).astype(np.float32)
+    before = lean.pool_first_runs()
+    fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
+    assert lean.pool_first_runs() - before == 3  # every transition, pool first
+    conv_first, _ = extract_features(network, volume, LAYERS, ForwardOptions(pool_first=False))
+    plain, _ = extract_features(network, volume, LAYERS, ForwardOptions.plain())
+    assert lean.pool_first_runs() - before == 3  # switched off: conv first, as torchvision
+    for layer in LAYERS:
+        np.testing.assert_allclose(fast[layer], conv_first[layer], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
+    x = torch.rand(2, 8, 7, 6, 5).contiguous(memory_format=CL)
+    torch.testing.assert_close(lean.average_pool2(x.clone()),
+                               torch.nn.functional.avg_pool3d(x, 2), rtol=0, atol=1e-6)
+
+
+def test_the_relu_after_a_convolution_is_fused_into_it_with_the_same_numbers(
+        network: torch.nn.Sequential) -> None:
+    """Issue 23: each dense layer's conv1 (norm2 folded in) and its relu2 are one oneDNN call."""
+    from kneebatch.network import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("this torch has no oneDNN")
+    volume = np.random.default_rng(7).random(size=(34, 36, 38)).astype(np.float32)
+    before = kernels.fused_relu_calls()
+    fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
+    dense_layers = sum(type(m).__name__ == "_DenseLayer" for m in network.modules())
+    assert kernels.fused_relu_calls() - before >= dense_layers  # one or more slabs each
+    other, _ = extract_features(network, volume, LAYERS, ForwardOptions(onednn=False))
+    for layer in LAYERS:
+        np.testing.assert_allclose(fast[layer], other[layer], rtol=0, atol=1e-5)
