@@ -7,6 +7,7 @@ import logging
 import time
 import traceback
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 from kneebatch import __version__
@@ -34,7 +35,6 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
                  model: LoadedModel, key: str, run_id: str,
                  options: ForwardOptions) -> DoneRecord:
     import torch
-    import torchvision
 
     return DoneRecord(
         subject_id=result.subject_id,
@@ -45,7 +45,7 @@ def _done_record(spec: SubjectSpec, result: SubjectResult, config: ExtractionCon
         weights=model.info.weights,
         run_id=run_id,
         versions={"kneebatch": __version__, "torch": torch.__version__,
-                  "torchvision": torchvision.__version__},
+                  "torchvision": metadata.version("torchvision")},
         side=result.side,
         ct=str(spec.ct),
         mask=str(spec.mask),

@@ -1,11 +1,12 @@
 """Model stage helper: a DenseNet block forward that holds far less memory at once.
 
-torchvision's ``_DenseBlock`` concatenates all earlier feature maps again in every layer and
-normalises the whole concatenation: three copies of a tensor that grows to 256 channels at a quarter
-of the input's size (2.9 GB extra for a 512 x 512 x 216 volume). ``LeanDenseBlock`` writes every
-layer's new channels into one preallocated buffer and runs each layer's pointwise part (norm1, relu1,
-the 1x1x1 conv1 with norm2 folded into it, relu2) in depth slabs; only the 3x3x3 conv2 sees a whole
-tensor. Same modules, same state dict, same forward hooks, same numbers (to float32 rounding).
+A ``DenseBlock`` (torchvision's ``_DenseBlock``, ``densenet3d.py``) concatenates all earlier feature
+maps again in every layer and normalises the whole concatenation: three copies of a tensor that
+grows to 256 channels at a quarter of the input's size (2.9 GB extra for a 512 x 512 x 216 volume).
+``LeanDenseBlock`` writes every layer's new channels into one preallocated buffer and runs each
+layer's pointwise part (norm1, relu1, the 1x1x1 conv1 with norm2 folded into it, relu2) in depth
+slabs; only the 3x3x3 conv2 sees a whole tensor. Same modules, same state dict, same forward hooks,
+same numbers (to float32 rounding).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-from torchvision.models.densenet import _DenseBlock, _Transition
 
+from kneebatch.network.densenet3d import DenseBlock, DenseLayer, Transition
 from kneebatch.network.kernels import conv3d_relu, use_onednn
 
 SLAB_BYTES = 64 * 1024**2
@@ -38,7 +39,7 @@ _POOL_FIRST_RUNS = 0  # transitions run pool-first in this process (tests: the f
 @contextlib.contextmanager
 def lean_forward(on: bool, memory_format: torch.memory_format = torch.channels_last_3d,
                  pool_first: bool = True) -> Iterator[None]:
-    """Run the lean (``on``) or torchvision's own forward of the blocks inside the block; lean
+    """Run the lean (``on``) or the plain (torchvision's) forward of the blocks inside the block; lean
     outputs in ``memory_format``; lean transitions pool first (``pool_first``)."""
     tokens = _LEAN.set(on), _LAYOUT.set(memory_format), _POOL_FIRST.set(pool_first)
     try:
@@ -107,8 +108,8 @@ def _slabs(depth: int, row_bytes: int) -> list[tuple[int, int]]:
     return [(d, min(depth, d + step)) for d in range(0, depth, step)]
 
 
-class LeanDenseBlock(_DenseBlock):
-    """A ``_DenseBlock`` (same children and weights) with a memory-lean forward in eval mode."""
+class LeanDenseBlock(DenseBlock):
+    """A ``DenseBlock`` (same children and weights) with a memory-lean forward in eval mode."""
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
         if self.training or not _LEAN.get():
@@ -117,7 +118,7 @@ class LeanDenseBlock(_DenseBlock):
 
     def lean(self, init_features: torch.Tensor) -> torch.Tensor:
         """The block's output, written into one buffer (see the module docstring)."""
-        layers = list(self.values())
+        layers = [layer for layer in self.values() if isinstance(layer, DenseLayer)]
         n, c0, depth, height, width = init_features.shape
         growth = layers[0].conv2.out_channels
         total = c0 + growth * len(layers)
@@ -140,8 +141,8 @@ class LeanDenseBlock(_DenseBlock):
         return buffer
 
 
-class LeanTransition(_Transition):
-    """A ``_Transition`` (norm, relu, 1x1x1 conv, 2x2x2 average pool) run in depth slabs of an
+class LeanTransition(Transition):
+    """A ``Transition`` (norm, relu, 1x1x1 conv, 2x2x2 average pool) run in depth slabs of an
     even number of rows, so the pool windows never straddle two slabs.
 
     Pool first: a 1x1x1 convolution and an average pool commute (both linear, the pool's
@@ -184,13 +185,13 @@ def make_lean(features: nn.Module) -> nn.Module:
     the BatchNorms the fast path folds (the stem's norm0 into conv0, each dense layer's norm2 into
     its conv1) once, here."""
     for module in features.modules():
-        if type(module) is _DenseBlock:
+        if type(module) is DenseBlock:
             module.__class__ = LeanDenseBlock
             for layer in module.children():
                 conv1, norm2 = layer.get_submodule("conv1"), layer.get_submodule("norm2")
                 assert isinstance(conv1, nn.Conv3d) and isinstance(norm2, nn.BatchNorm3d)
                 fold_once(conv1, norm2)
-        elif type(module) is _Transition:
+        elif type(module) is Transition:
             module.__class__ = LeanTransition
     conv0, norm0 = getattr(features, "conv0", None), getattr(features, "norm0", None)
     if isinstance(conv0, nn.Conv3d) and isinstance(norm0, nn.BatchNorm3d):

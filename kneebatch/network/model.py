@@ -1,6 +1,6 @@
 """The loaded network: a model file's 3D DenseNet made ready to extract features (conv0 collapsed
 to one grey channel, the convolutions' padding set, memory-lean blocks, channels-last layout), with
-a self-test of the lean blocks against torchvision's at every load."""
+no torchvision (compute nodes only load model files)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ import threading
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import DenseNet121_Weights
 
 from kneebatch.config import ConvPadding, InputNorm
-from kneebatch.errors import WeightsError
 from kneebatch.network.inflate import collapse_input_channels
-from kneebatch.network.lean import lean_forward, make_lean
+from kneebatch.network.lean import make_lean
 from kneebatch.network.modelfile import architecture
 from kneebatch.network.provenance import ModelInfo, not_ours, our_model_info
 
@@ -39,10 +36,10 @@ def _conv0(features: nn.Sequential) -> nn.Conv3d:
     return conv0
 
 
-def imagenet_mean_std() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet's per-channel mean and std, as torchvision's DenseNet121 weights normalise."""
-    transform = DenseNet121_Weights.IMAGENET1K_V1.transforms()
-    return tuple(transform.mean), tuple(transform.std)
+# ImageNet's per-channel mean and std, as torchvision's DenseNet121 weights normalise (their
+# ``transforms()``; a test holds these to torchvision's, so loading needs no torchvision).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def grey_input(features: nn.Sequential, input_norm: InputNorm) -> nn.Sequential:
@@ -51,8 +48,7 @@ def grey_input(features: nn.Sequential, input_norm: InputNorm) -> nn.Sequential:
     exactly (input in [0, 1]), ``grey`` sums the kernels (input normalised with one grey mean/std).
     """
     if input_norm == "imagenet":
-        mean, std = imagenet_mean_std()
-        collapse_input_channels(_conv0(features), mean, std)
+        collapse_input_channels(_conv0(features), IMAGENET_MEAN, IMAGENET_STD)
     else:
         collapse_input_channels(_conv0(features))
     return features
@@ -85,27 +81,5 @@ def load_model(path: Path, input_norm: InputNorm = "imagenet",
         param.requires_grad_(False)
     make_lean(network)  # same weights and numbers, a fraction of the peak memory
     network = network.eval().to(memory_format=torch.channels_last_3d)  # the fast path's layout
-    check_lean(network, path)
     return LoadedModel(network=network, info=info)
 
-
-def check_lean(network: nn.Module, path: Path) -> None:
-    """The lean blocks must give torchvision's numbers: checked on a small input at every load,
-    since they build on torchvision's private ``_DenseBlock`` and ``_Transition``.
-
-    Raises:
-        WeightsError: they differ (a torchvision this version does not know?).
-    """
-    x = torch.linspace(0, 1, 32**3).reshape(1, 1, 32, 32, 32)
-    outputs = []
-    with torch.inference_mode():
-        for on in (True, False):
-            with lean_forward(on):
-                outputs.append(network(x.contiguous(memory_format=torch.channels_last_3d)))
-    error = float((outputs[0] - outputs[1]).abs().max())
-    scale = float(outputs[1].abs().max()) or 1.0
-    if not error <= 1e-4 * scale:
-        raise WeightsError(
-            f"Model {path}: the lean forward differs from torchvision's by {error:.3g} (of "
-            f"{scale:.3g}) with torchvision {torchvision.__version__}. Run with --plain-forward "
-            "and report this.")

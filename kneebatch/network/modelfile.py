@@ -7,15 +7,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import densenet121
 
 from kneebatch import __version__
-from kneebatch.network.inflate import inflate
+from kneebatch.network.densenet3d import densenet121_3d
 from kneebatch.network.provenance import ModelInfo, file_sha256, not_ours, our_model_info, sidecar_path
 
 
@@ -23,9 +22,7 @@ def architecture() -> nn.Sequential:
     """The 3D network's modules on the ``meta`` device (no memory, no random weights drawn): the
     layout that model files hold; ``load_state_dict(..., assign=True)`` gives it real tensors."""
     with torch.device("meta"):
-        features = densenet121(weights=None).features
-        inflate(features)
-    return features.eval()
+        return densenet121_3d().eval()
 
 
 def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo:
@@ -41,7 +38,7 @@ def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo
         sha256=file_sha256(tmp),
         weights=weights_source,
         torch=torch.__version__,
-        torchvision=torchvision.__version__,
+        torchvision=metadata.version("torchvision"),
         kneebatch=__version__,
     )
     side = sidecar_path(path)

@@ -15,6 +15,7 @@ from torchvision.models import DenseNet121_Weights, densenet121
 
 from kneebatch.errors import WeightsError
 from kneebatch.network.checkpoints import is_published_imagenet, published_imagenet_prefix, state_kind
+from kneebatch.network.densenet3d import densenet121_3d
 from kneebatch.network.inflate import inflate
 from kneebatch.network.provenance import file_sha256
 from kneebatch.network.source import IMAGENET, WeightsSource
@@ -104,4 +105,7 @@ def build_model(*, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Sequent
         features = net2d.features
         assert isinstance(features, nn.Sequential)  # torchvision's DenseNet layout
         inflate(features)
-    return features.eval(), source
+        with torch.device("meta"):
+            network = densenet121_3d()  # the same modules, without torchvision
+    network.load_state_dict(features.state_dict(), assign=True)
+    return network.eval(), source

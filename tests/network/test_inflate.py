@@ -13,9 +13,10 @@ from torchvision.models import densenet121
 from torchvision.transforms.functional import normalize
 
 from kneebatch.config import LAYERS, ExtractionConfig
+from kneebatch.network.densenet3d import densenet121_3d
 from kneebatch.network.features import extract_features
 from kneebatch.network.inflate import collapse_input_channels, inflate
-from kneebatch.network.model import imagenet_mean_std, load_model
+from kneebatch.network.model import IMAGENET_MEAN, IMAGENET_STD, load_model
 from kneebatch.network.options import ForwardOptions
 
 # Largest |3D - 2D| allowed, relative to the largest |activation| of the layer (float32 rounding
@@ -122,8 +123,11 @@ def test_summed_conv0_equals_gray_fed_to_all_three_channels() -> None:
 
 def test_imagenet_fold_equals_torchvision_normalisation_of_a_grey_image() -> None:
     # DESIGN.md: weight sum_c w_c / s_c, bias -sum_c w_c m_c / s_c, on an input in [0, 1].
-    mean, std = imagenet_mean_std()
-    assert mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+    from torchvision.models import DenseNet121_Weights
+
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    transform = DenseNet121_Weights.IMAGENET1K_V1.transforms()  # loading needs no torchvision
+    assert list(mean) == list(transform.mean) and list(std) == list(transform.std)
     conv = _random_2d(6).conv0
     grey = torch.rand((1, 1, 32, 32), generator=torch.Generator().manual_seed(7))  # in [0, 1]
     expected = conv(normalize(grey.expand(1, 3, 32, 32), list(mean), list(std)))
@@ -183,3 +187,51 @@ def test_channels_last_gives_the_same_vectors() -> None:
     plain, _ = extract_features(net3d, volume, layers, ForwardOptions(channels_last=False))
     for layer in layers:
         np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
+
+
+def _settings(module: nn.Module) -> tuple[object, ...]:
+    """What a layer computes, int-or-tuple settings spelled out (``inflate`` writes tuples)."""
+    def t(v: object) -> object:
+        return v if isinstance(v, tuple) else (v, v, v) if isinstance(v, int) else v
+    if isinstance(module, nn.Conv3d):
+        return ("conv", module.in_channels, module.out_channels, t(module.kernel_size),
+                t(module.stride), t(module.padding), t(module.dilation), module.groups,
+                module.bias is None)
+    if isinstance(module, (nn.MaxPool3d, nn.AvgPool3d)):
+        return (type(module).__name__, t(module.kernel_size), t(module.stride),
+                t(module.padding), module.ceil_mode, t(getattr(module, "dilation", 1)),
+                getattr(module, "count_include_pad", None))
+    if isinstance(module, nn.BatchNorm3d):
+        return ("norm", module.num_features, module.eps, module.momentum)
+    return (type(module).__name__.lstrip("_"),)  # torchvision: _DenseBlock, ours: DenseBlock
+
+
+def test_the_network_model_files_hold_is_torchvision_s_densenet121_inflated() -> None:
+    """Issue 23: workers build ``densenet121_3d`` (no torchvision import): it must be exactly the
+    inflated torchvision network, layer by layer and in its outputs."""
+    theirs = inflate(_random_2d(12)).eval()
+    ours = densenet121_3d().eval()
+    assert [(n, _settings(m)) for n, m in ours.named_modules()][1:] == \
+        [(n, _settings(m)) for n, m in theirs.named_modules()][1:]
+    ours.load_state_dict(theirs.state_dict())  # strict: the same names and shapes
+    x = torch.rand((1, 3, 33, 40, 36), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = theirs(x), ours(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_workers_never_import_torchvision(model_path: Path) -> None:
+    """Issue 23: a worker loads a model file and runs a knee without torchvision (1.3 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from pathlib import Path; import kneebatch.cohort.task; "
+            "from kneebatch.network.cache import get_model; "
+            "from kneebatch.network.features import extract_features; "
+            "m = get_model(Path(sys.argv[1])); "
+            "extract_features(m.network, np.ones((32, 32, 32), np.float32), ('denseblock4',)); "
+            "print('torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False"]
