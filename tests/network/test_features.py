@@ -124,6 +124,9 @@ def test_bf16_runs_in_bfloat16_and_stays_within_1e3_of_float32(
     finally:
         handle.remove()
     assert seen == [torch.bfloat16] and vectors["denseblock3"].dtype == np.float32
+    # conv0 (one input channel) and the BatchNorms' parameters stay float32: faster on AMX
+    assert copy.conv0.weight.dtype == torch.float32 and copy.norm5.weight.dtype == torch.float32
+    assert copy.denseblock3.denselayer1.conv2.weight.dtype == torch.bfloat16
     cosines = {}
     for precision in ("float32", "bf16"):
         out = tmp_path / precision
