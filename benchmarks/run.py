@@ -11,6 +11,7 @@ machine. Each measured case runs in a fresh process so its peak RSS and CPU time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -159,6 +160,19 @@ def _in_child(case: str, *args: str) -> dict[str, float]:
     return json.loads(line[len("RESULT "):])
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and whether it has native bfloat16 (the figures depend on both)."""
+    from kneebatch.network.options import bf16_supported
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({'native bf16' if bf16_supported() else 'no native bf16'})"
+
+
 # ---------------------------------------------------------------- whole commands
 def _cohorts(folder: Path, knees: int, steady: int) -> dict[int, Path]:
     """Manifests of ``knees`` and ``steady`` clinical phantoms (the first a prefix of the second)."""
@@ -206,6 +220,7 @@ RUNS = {  # name: (flags, compete, env): layouts and switches of the whole `knee
     "defaults, another process busy on one core": ((), True, {}),
     "same, OMP_WAIT_POLICY=PASSIVE": ((), True, {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
+BF16_RUN = {"--precision bf16": (("--precision", "bf16"), False, {})}  # native bf16 CPUs only
 
 
 def main() -> None:
@@ -242,8 +257,11 @@ def main() -> None:
         results["extract_cli_seed_semantics"] = _extract_cli(
             ct, mask, model, folder / "e2", "--preset", "seed")
         manifests = _cohorts(folder, args.cohort_knees, args.steady_knees)
+        from kneebatch.network.options import bf16_supported
+
         runs: dict[str, dict[str, float]] = {}
-        for i, (name, (flags, compete, env)) in enumerate(RUNS.items()):
+        cases = {**RUNS, **(BF16_RUN if bf16_supported() else {})}
+        for i, (name, (flags, compete, env)) in enumerate(cases.items()):
             print(f"measuring kneebatch run {name} ...", file=sys.stderr)
             runs[name] = _run_cli(manifests[args.cohort_knees], model, folder / f"run{i}",
                                   *flags, compete=compete, env=env)
@@ -287,7 +305,7 @@ def main() -> None:
                     f"{s32['wall_s'] - s32['inside_s']:.1f} s | "
                     f"{s32.get('stage_read', 0):.1f} / {s32.get('stage_preprocess', 0):.1f} / "
                     f"{sum(v for k, v in s32.items() if k.startswith('stage_forward')):.1f} s |")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = f"{_cpu_name()}, {os.cpu_count()} CPUs"
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "description": machine}  # type: ignore[dict-item]
     table = "\n".join([
