@@ -32,7 +32,7 @@ from kneebatch.results.subject_files import (
 )
 from kneebatch.scan.headers import check_headers
 
-STARTUP_S = 8.0  # LocalCluster start and one model load per worker (5-12 s measured on 2 cores)
+STARTUP_S = 4.0  # LocalCluster start, a worker's imports and model check (3-4 s measured on 2 cores)
 NETWORK_EFFICIENCY = 0.4  # the network's GFLOP/s over a plain 3x3x3 convolution's (measured 0.34-0.44)
 REASONS = {State.CHANGED: "inputs, settings or model changed since it was finished",
            State.DAMAGED: "its result files are damaged", State.LINKED: "a linked folder"}
