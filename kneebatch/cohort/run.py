@@ -260,12 +260,19 @@ def run_cohort(
     outcomes: list[SubjectOutcome] = []
     slots: list[int] = []
     stopped = False
+    # The model file's tensors are checked before OUT is touched: by the first task of the
+    # workers this run starts here (they import torch for it, which they need anyway, and this
+    # process never does), else here, before joining a cluster or submitting worker jobs.
+    on_worker = client is None and (cluster or ClusterSpec()).local
+    if todo and not on_worker:
+        _check_model(model_path)
     with contextlib.ExitStack() as stack:
         connection = None
-        if todo:  # the cluster starts, and the model is checked, before OUT is touched
+        if todo:
             connection = _connect(stack, client, cluster)
-            _check_model(connection, model_path.resolve(),
-                         on_worker=client is None and (cluster or ClusterSpec()).local)
+            if on_worker:
+                connection.client.submit(_check_model, model_path.resolve(), pure=False,
+                                         resources=connection.resources).result()
         run_id = open_out(out, settings, command="run", overwrite=overwrite)
         previous = read_manifest_record(out)
         manifest_record = ManifestRecord(
@@ -340,26 +347,14 @@ def _connect(stack: contextlib.ExitStack, client: Client | None,
     return stack.enter_context(open_client(cluster or ClusterSpec()))
 
 
-def _check_model(connection: Connection, model_path: Path, *, on_worker: bool) -> None:
-    """Check the model file's tensors before any subject starts (``check_model_file``).
-
-    On workers this run started, the check is their first task: they import torch and the
-    compute modules for it, which they need anyway, and this process never imports torch. On a
-    cluster we joined or whose workers are still queued, the check runs here.
+def _check_model(model_path: Path) -> None:
+    """``check_model_file``, importing torch where it runs (on a worker: with the modules its
+    subjects need).
 
     Raises:
         WeightsError: the file is not a kneebatch model.
     """
-    if not on_worker:
-        _model_check(model_path)
-        return
-    connection.client.submit(_model_check, model_path, pure=False,
-                             resources=connection.resources).result()
-
-
-def _model_check(model_path: Path) -> None:
-    """``check_model_file``, importing torch where it runs."""
-    from kneebatch.cohort import task  # noqa: F401  (on a worker: what its subjects need)
+    from kneebatch.cohort import task  # noqa: F401
     from kneebatch.network.modelfile import check_model_file
 
     check_model_file(model_path)

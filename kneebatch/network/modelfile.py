@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo
     Returns:
         The provenance written to the sidecar.
     """
+    import torchvision  # built from torchvision's network: imported there already
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(network.state_dict(), tmp)
@@ -38,7 +39,7 @@ def save_model(network: nn.Module, weights_source: str, path: Path) -> ModelInfo
         sha256=file_sha256(tmp),
         weights=weights_source,
         torch=torch.__version__,
-        torchvision=metadata.version("torchvision"),
+        torchvision=torchvision.__version__,
         kneebatch=__version__,
     )
     side = sidecar_path(path)
