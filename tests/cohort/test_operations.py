@@ -28,6 +28,9 @@ from kneebatch.inputs.phantom import write_sample
 from .. import helpers
 
 FAST = helpers.BOOKKEEPING_RUN
+# localhost directly: urlopen's global opener keeps the proxies of the first process-wide use
+# (a test that points them at a closed port to fake no internet)
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 OUR_LINE = re.compile(r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: |progress: |"
                       r"\s|Traceback)")
 
@@ -206,7 +209,7 @@ def test_the_local_cluster_is_private_and_feeds_no_more_than_its_slots(
         for port, path in itertools.product(http, ("/json/identity.json", "/health", "/metrics",
                                                    "/info/main/workers.html")):
             with pytest.raises(urllib.error.HTTPError, match="404"):  # no endpoint serves
-                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+                LOCAL.open(f"http://127.0.0.1:{port}{path}", timeout=5)
         most = [0]
         stop = threading.Event()
 
@@ -378,6 +381,6 @@ def test_the_dashboard_serves_on_localhost_only_when_asked() -> None:
     with local_cluster(1, 1, 2 * 1024**3, dashboard=True) as cluster:
         server = cluster.scheduler.http_server
         assert server.address == "127.0.0.1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/json/identity.json",
+        with LOCAL.open(f"http://127.0.0.1:{server.port}/json/identity.json",
                                     timeout=5) as answer:
             assert json.load(answer)["type"] == "Scheduler"
