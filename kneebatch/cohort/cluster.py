@@ -307,15 +307,15 @@ def open_client(spec: ClusterSpec) -> Iterator[Connection]:
             raise ConfigError(f"Cannot reach the dask scheduler at {target} ({exc}). {fix}") from exc
         with client:
             wait = max(1, spec.wait_workers)
+            wait_s = CONNECT_TIMEOUT_S if wait == 1 else JOIN_WAIT_S
             with contextlib.suppress(TimeoutError, OSError):  # too few yet: the run goes on
-                client.wait_for_workers(wait, timeout=CONNECT_TIMEOUT_S if wait == 1
-                                        else JOIN_WAIT_S)
+                client.wait_for_workers(wait, timeout=wait_s)
             workers = client.scheduler_info().get("workers", {})
             log.info("joined scheduler %s with %d workers", target, len(workers))
             if len(workers) < wait:
                 log.warning("%d of the %d workers asked for (--wait-workers) joined within "
                             "%d s; the others get subjects when they join", len(workers), wait,
-                            JOIN_WAIT_S)
+                            wait_s)
             for worker in workers.values():  # a worker too small for the model fails the run now
                 if worker.get("memory_limit"):
                     check_worker_memory(int(worker["memory_limit"]), f"the memory limit of "
