@@ -12,16 +12,15 @@ import numpy as np
 
 from kneebatch.errors import RegionError
 from kneebatch.inputs.labels import BACKGROUND
-from kneebatch.scan.body import body_mask
+from kneebatch.scan.body import body_mask, coarse_steps
 
-COARSE_MM = 4.0  # the body is found on a grid about this coarse: fast, and gaps are centimetres
 SUFFIXES = {"L": "_L", "R": "_R"}
 
 
 def _occupied_columns(ct_hu: np.ndarray, spacing_mm: tuple[float, float, float],
                       threshold_hu: float, min_fraction: float, thin_mm: float) -> np.ndarray:
     """Which x columns (native indices) hold body, from a coarse copy."""
-    steps = [max(1, int(COARSE_MM // s)) for s in spacing_mm]
+    steps = coarse_steps(spacing_mm)  # gaps between legs are centimetres
     coarse = ct_hu[::steps[0], ::steps[1], ::steps[2]]
     coarse_mm = tuple(s * n for s, n in zip(spacing_mm, steps, strict=True))
     columns = body_mask(coarse, threshold_hu, min_fraction, coarse_mm, thin_mm).any(axis=(0, 1))

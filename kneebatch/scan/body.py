@@ -10,6 +10,14 @@ import math
 import numpy as np
 from scipy import ndimage
 
+COARSE_MM = 4.0  # the body's extent is looked for on a grid about this coarse: fast, and enough
+
+
+def coarse_steps(spacing_mm: tuple[float, ...]) -> list[int]:
+    """Strides per axis that give a copy about ``COARSE_MM`` coarse."""
+    return [max(1, int(COARSE_MM // s)) for s in spacing_mm]
+
+
 OPENING_GRID_MM = 1.0  # the opening runs on a strided copy about this coarse (exact on a 1 mm grid)
 
 

@@ -25,6 +25,14 @@ def input_error(spec: SubjectSpec, role: str, path: Path, problem: str, fix: str
     return InputImageError(f"Subject {spec.subject_id}: {role} {path}: {problem}. {fix}")
 
 
+def unreadable(spec: SubjectSpec, role: str, path: Path, exc: RuntimeError) -> InputImageError:
+    """The error for a file SimpleITK cannot read, with the last line of SimpleITK's reason."""
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return input_error(spec, role, path, f"cannot be read as an image ({reason})", "Give a NIfTI, "
+                       "NRRD, MHA file or a DICOM folder; if it is truncated, copy or export it "
+                       "again.")
+
+
 CHUNK_BYTES = 1 << 22  # voxel data is streamed in pieces this large: memory stays bounded
 
 

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from kneebatch.config import READ_TIMEOUT_S, ExtractionConfig
 from kneebatch.inputs.manifest import SubjectSpec
-from kneebatch.scan.files import check_file, check_volume, input_error, timed
+from kneebatch.scan.files import check_file, check_volume, timed, unreadable
 from kneebatch.scan.geometry import Header, mismatch, same_grid
 from kneebatch.scan.read import read_dicom_folder
 
@@ -34,8 +34,7 @@ def _information(spec: SubjectSpec, role: str, path: Path, file: str) -> sitk.Im
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise input_error(spec, role, path, "cannot be read as an image", "Give a NIfTI, NRRD, MHA "
-                    "file or a DICOM folder; if it is truncated, copy it again.") from exc
+        raise unreadable(spec, role, path, exc) from exc
     return reader
 
 

@@ -20,7 +20,7 @@ from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.scan.anatomy import check_anatomy
 from kneebatch.scan.bilateral import take_leg
-from kneebatch.scan.files import check_file, check_volume, input_error, timed
+from kneebatch.scan.files import check_file, check_volume, input_error, timed, unreadable
 from kneebatch.scan.geometry import match_mask_grid
 from kneebatch.scan.orient import axis_aligned
 
@@ -95,10 +95,7 @@ def _read_image(spec: SubjectSpec, role: str, path: Path) -> sitk.Image:
     try:
         image = read_dicom_folder(spec, role, path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise input_error(spec, role, path, f"cannot be read as an image ({first})",
-                    "Give a NIfTI, NRRD, MHA file or a DICOM folder; if it is truncated, copy or "
-                    "export it again.") from exc
+        raise unreadable(spec, role, path, exc) from exc
     check_volume(spec, role, path, image.GetSize(), image.GetNumberOfComponentsPerPixel(),
                  image.GetSpacing())
     return image
@@ -178,8 +175,7 @@ def _read_ct_slice(spec: SubjectSpec, role: str, path: Path) -> np.ndarray:
             reader.SetExtractSize([size[0], size[1], 1])
         return sitk.GetArrayFromImage(reader.Execute())
     except RuntimeError as exc:
-        raise input_error(spec, role, path, "cannot be read as an image", "Give a NIfTI, NRRD, "
-                          "MHA file or a DICOM folder; if it is truncated, copy it again.") from exc
+        raise unreadable(spec, role, path, exc) from exc
 
 
 def _mask_labels(spec: SubjectSpec, mask: sitk.Image) -> tuple[np.ndarray, list[str]]:

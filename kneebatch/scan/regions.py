@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from kneebatch.config import LABELS, REGIONS, CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
-from kneebatch.scan.body import body_mask
+from kneebatch.scan.body import body_mask, coarse_steps
 from kneebatch.scan.read import Scan
 
 Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)), end exclusive
@@ -107,9 +107,6 @@ def _sigmas_voxels(spacing_mm: tuple[float, ...], target_mm: float) -> list[floa
     return [sigma if sigma >= 1 / 3 else 0.0 for sigma in sigmas]
 
 
-COARSE_MM = 4.0  # the box of what is above the body threshold is found on a grid this coarse
-
-
 def _antialiased(scan: Scan, config: ExtractionConfig, target_mm: float, in_box: bool
                  ) -> tuple[np.ndarray, Box | None]:
     """The window-clipped CT, Gaussian-smoothed along the axes that get coarser (scipy's separable
@@ -143,7 +140,7 @@ def _antialiased(scan: Scan, config: ExtractionConfig, target_mm: float, in_box:
 
 def _smoothing_box(scan: Scan, config: ExtractionConfig, sigmas: list[float]) -> Box | None:
     """See ``_antialiased``; None when nothing is above the threshold or labelled."""
-    steps = [max(1, int(COARSE_MM // s)) for s in scan.spacing_mm]
+    steps = coarse_steps(scan.spacing_mm)
     above = scan.ct_hu[::steps[0], ::steps[1], ::steps[2]] > config.body_threshold_hu
     spans = [s for s in (_extent(above, steps), _extent(scan.mask != 0, [1, 1, 1])) if s]
     if not spans:
