@@ -19,7 +19,7 @@ from kneebatch.cohort.run import RunOptions, shard
 from kneebatch.errors import KneebatchError
 from kneebatch.extract.memory import estimate_bytes
 from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
-from kneebatch.network.cache import model_info
+from kneebatch.network.provenance import model_info
 from kneebatch.outdir.folder import folder_settings, run_records
 from kneebatch.outdir.key import legacy_key, subject_key
 from kneebatch.outdir.records import SettingsRecord

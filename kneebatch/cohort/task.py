@@ -17,9 +17,10 @@ from kneebatch.errors import KneebatchError, MemoryLimitError
 from kneebatch.extract.memory import estimate_bytes, gib
 from kneebatch.extract.pipeline import Stage, SubjectResult, forward_subject, prepare_subject
 from kneebatch.inputs.manifest import SubjectSpec
-from kneebatch.network.cache import get_model, model_info
+from kneebatch.network.cache import get_model
 from kneebatch.network.model import LoadedModel
 from kneebatch.network.options import FAST, ForwardOptions, check_precision
+from kneebatch.network.provenance import model_info
 from kneebatch.outdir.claims import claim
 from kneebatch.outdir.key import subject_key
 from kneebatch.outdir.records import DoneRecord, RegionRecord, parse_dataclass

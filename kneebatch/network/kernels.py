@@ -7,7 +7,7 @@ and agrees to float32 rounding. bfloat16 keeps torch's choice (oneDNN's bf16 ker
 support). ``ForwardOptions.onednn`` switches it per forward pass (a context variable, as
 ``lean_forward``); ``onednn_calls`` counts the calls so tests can see the fast path ran.
 A convolution followed by a ReLU (each dense layer's conv1, the stem's conv0) is one oneDNN call
-with the ReLU fused in (``conv3d_relu``): one pass fewer over its output, 6% of a 1x1x1
+with the ReLU fused in (``conv3d(..., relu=True)``): one pass fewer over its output, 6% of a 1x1x1
 convolution's time measured here.
 """
 
@@ -42,35 +42,29 @@ def onednn_calls() -> int:
     return _CALLS
 
 
-def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           stride: tuple[int, ...] = (1, 1, 1), padding: tuple[int, ...] = (0, 0, 0),
-           dilation: tuple[int, ...] = (1, 1, 1), groups: int = 1) -> torch.Tensor:
-    """``F.conv3d`` with explicit padding; through oneDNN when switched on for float32."""
-    global _CALLS
-    if _ON.get() and x.dtype == torch.float32 and x.device.type == "cpu":
-        _CALLS += 1
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride),
-                                                 list(dilation), groups)
-    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-
-
 def fused_relu_calls() -> int:
-    """How many of ``onednn_calls`` had their ReLU fused in (``conv3d_relu``)."""
+    """How many of ``onednn_calls`` had their ReLU fused in (``relu=True``)."""
     return _FUSED
 
 
-def conv3d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stride: tuple[int, ...] = (1, 1, 1), padding: tuple[int, ...] = (0, 0, 0),
-                dilation: tuple[int, ...] = (1, 1, 1)) -> torch.Tensor:
-    """``relu(conv3d(...))``; one oneDNN call with the ReLU fused in when switched on."""
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           stride: tuple[int, ...] = (1, 1, 1), padding: tuple[int, ...] = (0, 0, 0),
+           dilation: tuple[int, ...] = (1, 1, 1), groups: int = 1, *,
+           relu: bool = False) -> torch.Tensor:
+    """``F.conv3d`` with explicit padding, followed by a ReLU with ``relu``; through oneDNN when
+    switched on for float32, the ReLU fused into the same call."""
     global _CALLS, _FUSED
     if _ON.get() and x.dtype == torch.float32 and x.device.type == "cpu":
         _CALLS += 1
-        _FUSED += 1
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding),
-                                                       list(stride), list(dilation), 1, "relu",
-                                                       [], "")
-    return F.conv3d(x, weight, bias, stride, padding, dilation).relu_()
+        if relu:
+            _FUSED += 1
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, list(padding), list(stride), list(dilation), groups, "relu", [],
+                "")
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride),
+                                                 list(dilation), groups)
+    out = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    return out.relu_() if relu else out
 
 
 class OneDnnConv3d(nn.Conv3d):

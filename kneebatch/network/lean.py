@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from kneebatch.network.densenet3d import DenseBlock, DenseLayer, Transition
-from kneebatch.network.kernels import conv3d_relu, use_onednn
+from kneebatch.network.kernels import conv3d, use_onednn
 
 SLAB_BYTES = 64 * 1024**2
 # Whether the lean forward runs, for the forward pass in progress in this thread (a context
@@ -135,7 +135,7 @@ class LeanDenseBlock(DenseBlock):
             weight1, bias1 = fold_batchnorm(layer.conv1, layer.norm2)  # conv1 + norm2 in one
             for d0, d1 in _slabs(depth, row_bytes * (channels + 2 * width1)):
                 part = layer.relu1(layer.norm1(buffer[:, :channels, d0:d1]))
-                bottleneck[:, :, d0:d1] = conv3d_relu(part, weight1, bias1)  # relu2 fused in
+                bottleneck[:, :, d0:d1] = conv3d(part, weight1, bias1, relu=True)  # relu2
             buffer[:, channels:channels + growth] = layer.conv2(bottleneck)
             channels += growth
         return buffer

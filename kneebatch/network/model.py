@@ -15,7 +15,7 @@ from kneebatch.config import ConvPadding, InputNorm
 from kneebatch.network.inflate import collapse_input_channels
 from kneebatch.network.lean import make_lean
 from kneebatch.network.modelfile import architecture
-from kneebatch.network.provenance import ModelInfo, not_ours, our_model_info
+from kneebatch.network.provenance import ModelInfo, model_info, not_ours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def load_model(path: Path, input_norm: InputNorm = "imagenet",
     """Load a model file written by ``save_model`` (``weights_only=True``, sha256 checked), conv0
     collapsed to one grey channel as ``input_norm`` says (see ``grey_input``), the convolutions
     after it padding with ``conv_padding``."""
-    info = our_model_info(path)
+    info = model_info(path)
     network = architecture()  # on the meta device: the file's tensors are assigned, not copied
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

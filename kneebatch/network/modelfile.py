@@ -14,7 +14,7 @@ from torch import nn
 
 from kneebatch import __version__
 from kneebatch.network.densenet3d import densenet121_3d
-from kneebatch.network.provenance import ModelInfo, file_sha256, not_ours, our_model_info, sidecar_path
+from kneebatch.network.provenance import ModelInfo, file_sha256, model_info, not_ours, sidecar_path
 
 
 def architecture() -> nn.Sequential:
@@ -57,7 +57,7 @@ def check_model_file(path: Path) -> ModelInfo:
     Raises:
         WeightsError: the file is missing, changed, or not a kneebatch model.
     """
-    info = our_model_info(path)
+    info = model_info(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint

@@ -5,6 +5,7 @@ workers (``model.py``)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -107,3 +108,29 @@ def our_model_info(path: Path) -> ModelInfo:
             f"normalisation can be folded in exactly). Rebuild it once: `kneebatch build-model "
             f"--weights {info.source.option} --out {path}`.")
     return info
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_info(path: str, mtime_ns: int, sidecar_mtime_ns: int) -> ModelInfo:
+    return our_model_info(Path(path))
+
+
+def resolved(path: Path) -> tuple[str, int]:
+    """A model file's resolved path and modification time: the key of a per-process cache."""
+    real = path.resolve()
+    try:
+        mtime_ns = real.stat().st_mtime_ns
+    except OSError:
+        mtime_ns = -1  # the loaders raise the helpful error
+    return str(real), mtime_ns
+
+
+def model_info(path: Path) -> ModelInfo:
+    """``our_model_info``, read (and the file hashed) once per process, again if the file or its
+    sidecar changes.
+
+    Raises:
+        WeightsError: see ``read_model_info``; also a file of an older kneebatch layout.
+    """
+    real, mtime_ns = resolved(path)
+    return _cached_info(real, mtime_ns, resolved(sidecar_path(Path(real)))[1])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kneebatch.network.kernels import conv3d_relu
+from kneebatch.network.kernels import conv3d
 from kneebatch.network.lean import fold_batchnorm
 
 STEM = ("conv0", "norm0", "relu0", "pool0")
@@ -64,9 +64,9 @@ def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 256 
         piece = x[:, :, max(0, i0):min(depth, i1)]
         if i0 < 0 or i1 > depth:
             piece = F.pad(piece, (0, 0, 0, 0, max(0, -i0), max(0, i1 - depth)))
-        y = conv3d_relu(piece, weight, bias, stride=conv.stride,  # relu0 fused in
-                        padding=(0, *_rest(conv.padding)),  # type: ignore[arg-type]
-                        dilation=conv.dilation)
+        y = conv3d(piece, weight, bias, stride=conv.stride,
+                   padding=(0, *_rest(conv.padding)), dilation=conv.dilation,  # type: ignore[arg-type]
+                   relu=True)  # relu0
         if c0 < 0 or c1 > conv_depth:
             y = F.pad(y, (0, 0, 0, 0, cc0 - c0, c1 - cc1), value=float("-inf"))
         z = F.max_pool3d(y, pool.kernel_size, pool.stride, (0, *_rest(pool.padding)),
