@@ -16,11 +16,11 @@ from pathlib import Path
 
 from kneebatch.cohort.cluster import ClusterSpec, job_memory_bytes, layout
 from kneebatch.cohort.run import RunOptions, shard
-from kneebatch.errors import KneebatchError
+from kneebatch.errors import ConfigError, KneebatchError
 from kneebatch.extract.memory import estimate_bytes
 from kneebatch.inputs.manifest import RowProblem, SubjectSpec, parse_manifest
 from kneebatch.network.provenance import model_info
-from kneebatch.outdir.folder import folder_settings, run_records
+from kneebatch.outdir.folder import refuse_other_settings, run_records
 from kneebatch.outdir.key import legacy_key, subject_key
 from kneebatch.outdir.records import SettingsRecord
 from kneebatch.results.subject_files import (
@@ -133,14 +133,12 @@ def plan_run(manifest: Path, out: Path, model_path: Path, options: RunOptions,
     mine = shard(specs, options.part)
     info = model_info(model_path)
     config_hash = options.config.hash()
-    current = folder_settings(out)
     ours = SettingsRecord(config_hash, info.sha256, info.weights, options.config.to_dict())
     refused = ""
-    if current is not None and not options.overwrite and (
-            current.config_hash, current.model_sha256) != (config_hash, info.sha256):
-        refused = (f"{out} holds results made with other settings or another model "
-                   f"({'; '.join(current.differs_from(ours))}): choose a new --out, or add "
-                   "--overwrite")
+    try:
+        refuse_other_settings(out, ours, overwrite=options.overwrite)  # as the run would
+    except ConfigError as exc:
+        refused = exc.message.rstrip(".")
     compute, redo, skip = [], [], []
     for spec in mine:
         state = result_state(out, spec.subject_id, subject_key(spec, config_hash, info.sha256))
@@ -158,8 +156,7 @@ def plan_run(manifest: Path, out: Path, model_path: Path, options: RunOptions,
             redo.append((spec.subject_id, why or REASONS[state]))
     wanted = set(compute) | {subject for subject, _ in redo}
     todo = [s for s in mine if s.subject_id in wanted]
-    local = not (cluster.scheduler_file or cluster.scheduler_address or cluster.slurm)
-    workers, threads = layout(cluster) if local else (0, cluster.threads_per_worker or 1)
+    workers, threads = layout(cluster) if cluster.local else (0, cluster.threads_per_worker or 1)
     memory = cluster.memory_limit_bytes or (job_memory_bytes()[0] // workers if workers else 0)
     header_problems, peak, peak_subject = [], 0, ""
     for spec in todo:
