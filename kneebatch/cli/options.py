@@ -173,7 +173,7 @@ def cluster_spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        memory_limit_bytes=memory,
                        slurm=slurm, dashboard=args.dashboard,
                        subjects_per_worker=args.subjects_per_worker,
-                       wait_workers=getattr(args, "wait_workers", 1))
+                       wait_workers=args.wait_workers)
 
 
 def add_slurm_options(parser: argparse.ArgumentParser) -> None:
