@@ -44,7 +44,7 @@ class RegionStats:
 def _body_on_native(regions: Regions, native_shape: tuple[int, ...],
                     native_mm: tuple[float, float, float]) -> np.ndarray | None:
     """The analysis grid's body mask looked up at each native voxel (nearest grid voxel: the
-    resampled grid's voxel 0 is centred half a voxel step in, see ``regions._resample``); one
+    resampled grid's voxel 0 is centred half a voxel step in, see ``resample.grid_positions``); one
     axis at a time, smallest result first."""
     if regions.grid_body is None:
         return None

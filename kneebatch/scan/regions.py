@@ -11,15 +11,12 @@ import dataclasses
 import math
 
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
 
 from kneebatch.config import LABELS, REGIONS, CropMode, ExtractionConfig
 from kneebatch.errors import RegionError
 from kneebatch.scan.body import body_mask, coarse_steps
 from kneebatch.scan.read import Scan
-
-Box = tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)), end exclusive
+from kneebatch.scan.resample import TRUNCATE, Box, resample_labels, smooth_and_resample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +32,7 @@ class Regions:
         boxes: region name -> ((z0, z1), (y0, y1), (x0, x1)) crop box on the grid.
         spacing_mm: voxel size of the grid (z, y, x).
         config: the settings (window, normalisation, padding).
-        smoothed_box: the native box the anti-aliasing filter ran on (None: the whole volume,
-            or no filter).
+        native_box: the native box the grid's CT was computed from (None: the whole volume).
     """
 
     grid_hu: np.ndarray
@@ -45,7 +41,7 @@ class Regions:
     boxes: dict[str, Box]
     spacing_mm: tuple[float, float, float]
     config: ExtractionConfig
-    smoothed_box: Box | None = None
+    native_box: Box | None = None
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
@@ -101,45 +97,37 @@ def antialias_sigmas_mm(spacing_mm: tuple[float, ...], target_mm: float) -> tupl
 
 def _sigmas_voxels(spacing_mm: tuple[float, ...], target_mm: float) -> list[float]:
     """The anti-aliasing sigmas in voxels; under a third of a voxel a neighbour weighs < 1%: not
-    worth a pass over the volume (0.8 mm slices to 1 mm give 0.125 voxels)."""
+    worth it (0.8 mm slices to 1 mm give 0.125 voxels)."""
     sigmas = [s_mm / s for s_mm, s in zip(antialias_sigmas_mm(spacing_mm, target_mm), spacing_mm,
                                           strict=True)]
     return [sigma if sigma >= 1 / 3 else 0.0 for sigma in sigmas]
 
 
-def _antialiased(scan: Scan, config: ExtractionConfig, target_mm: float, in_box: bool
-                 ) -> tuple[np.ndarray, Box | None]:
-    """The window-clipped CT, Gaussian-smoothed along the axes that get coarser (scipy's separable
-    filter: 2.5x faster here than SimpleITK's recursive one on a 512 x 512 x 200 CT).
+def _resampled(scan: Scan, config: ExtractionConfig, target_mm: float, in_box: bool
+               ) -> tuple[np.ndarray, Box | None]:
+    """The window-clipped CT on the ``target_mm`` grid, Gaussian-smoothed first along the axes that
+    get coarser (``resample.smooth_and_resample``).
 
-    With ``in_box``, smoothed only inside the native box that holds every voxel above the body
-    threshold (seen on a coarse copy) and every labelled voxel, grown by the filter's reach and a
-    coarse step, with the HU window's low end (air) outside it. Every grid voxel the body mask
-    looks at as possibly body, and every voxel the network is fed (body, bones), then takes
-    exactly the values of a whole-volume filter: the filter's reach from any of them stays inside
-    the box. Only air far from anything above the threshold differs, and it is never fed (tests
-    compare both ways).
+    With ``in_box``, computed from the native box that holds every voxel above the body threshold
+    (seen on a coarse copy) and every labelled voxel, grown by the filter's reach and a coarse
+    step, as if the volume were air outside it (the box smoothed on its own). Every grid voxel the
+    body mask looks at as possibly body, and every voxel the network is fed (body, bones), then
+    takes the values of the whole volume's (to float32 rounding): the filter's and interpolation's
+    reach from any of them stays inside the box. Only air far from anything above the threshold
+    differs, and it is never fed (tests compare both ways).
 
     Returns:
-        The volume and the box it was smoothed in (None: the whole volume, or not smoothed).
+        The grid's CT and the native box it was computed from (None: the whole volume).
     """
-    sigmas = _sigmas_voxels(scan.spacing_mm, target_mm)
-    clipped = (config.hu_min, config.hu_max)
-    if not (config.antialias and any(sigmas)):
-        return np.clip(scan.ct_hu, *clipped), None
-    box = _smoothing_box(scan, config, sigmas) if in_box else None
-    if box is None:
-        return ndimage.gaussian_filter(np.clip(scan.ct_hu, *clipped), sigmas, output=np.float32,
-                                       mode="nearest"), None
-    inside = tuple(slice(a, b) for a, b in box)
-    out = np.full(scan.ct_hu.shape, config.hu_min, dtype=np.float32)
-    out[inside] = ndimage.gaussian_filter(np.clip(scan.ct_hu[inside], *clipped), sigmas,
-                                          output=np.float32, mode="nearest")
-    return out, box
+    sigmas = _sigmas_voxels(scan.spacing_mm, target_mm) if config.antialias else [0.0] * 3
+    box = _native_box(scan, config, sigmas) if in_box else None
+    whole = tuple((0, n) for n in scan.ct_hu.shape)
+    return smooth_and_resample(scan.ct_hu, box or whole, scan.spacing_mm, target_mm, sigmas,
+                               (config.hu_min, config.hu_max)), box
 
 
-def _smoothing_box(scan: Scan, config: ExtractionConfig, sigmas: list[float]) -> Box | None:
-    """See ``_antialiased``; None when nothing is above the threshold or labelled."""
+def _native_box(scan: Scan, config: ExtractionConfig, sigmas: list[float]) -> Box | None:
+    """See ``_resampled``; None when nothing is above the threshold or labelled."""
     steps = coarse_steps(scan.spacing_mm)
     above = scan.ct_hu[::steps[0], ::steps[1], ::steps[2]] > config.body_threshold_hu
     spans = [s for s in (_extent(above, steps), _extent(scan.mask != 0, [1, 1, 1])) if s]
@@ -147,7 +135,7 @@ def _smoothing_box(scan: Scan, config: ExtractionConfig, sigmas: list[float]) ->
         return None
     box = []
     for axis, n in enumerate(scan.ct_hu.shape):
-        reach = int(4.0 * sigmas[axis] + 0.5) + steps[axis] + 2  # scipy's truncate = 4
+        reach = int(TRUNCATE * sigmas[axis] + 0.5) + steps[axis] + 2  # Gaussian + linear + coarse
         box.append((max(0, min(s[axis][0] for s in spans) - reach),
                     min(n, max(s[axis][1] for s in spans) + reach)))
     return tuple(box)
@@ -159,20 +147,6 @@ def _extent(found: np.ndarray, steps: list[int]) -> tuple[tuple[int, int], ...] 
         return None
     box = _bbox(found, (0, 0, 0))
     return tuple((a * step, b * step) for (a, b), step in zip(box, steps, strict=True))
-
-
-def _resample(array: np.ndarray, spacing_mm: tuple[float, ...], target_mm: float,
-              interpolator: int, default: float) -> np.ndarray:
-    """Resample a (z, y, x) array to isotropic ``target_mm``, keeping the field of view."""
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(reversed(spacing_mm)))  # SimpleITK order is (x, y, z)
-    old_spacing = np.array(image.GetSpacing())
-    new_spacing = np.full(3, target_mm)
-    new_size = [max(1, round(n * s / target_mm)) for n, s in zip(image.GetSize(), old_spacing, strict=True)]
-    origin = np.array(image.GetOrigin()) + 0.5 * (new_spacing - old_spacing)
-    out = sitk.Resample(image, new_size, sitk.Transform(), interpolator, origin.tolist(),
-                        new_spacing.tolist(), image.GetDirection(), default, image.GetPixelID())
-    return sitk.GetArrayFromImage(out)
 
 
 def _bbox(found: np.ndarray, margin: tuple[int, ...]) -> Box:
@@ -192,14 +166,14 @@ def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
     return np.pad(volume, [(m // 2, m - m // 2) for m in missing], constant_values=air)
 
 
-def make_regions(scan: Scan, config: ExtractionConfig, *, smooth_in_box: bool = True) -> Regions:
+def make_regions(scan: Scan, config: ExtractionConfig, *, in_box: bool = True) -> Regions:
     """Window, resample and find the crop boxes of a scan's three regions.
 
     Args:
         scan: CT (HU) and mask, (z, y, x).
         config: window, spacing, crop, margin, padding settings.
-        smooth_in_box: with ``--crop bbox``, anti-alias only the box around the body and bones
-            (the same network inputs; False: the whole volume, for tests).
+        in_box: with ``--crop bbox``, resample only the box around the body and bones (the same
+            network inputs; False: the whole volume, for tests).
 
     Returns:
         The grid and boxes; ``Regions.volume(name)`` cuts each network input.
@@ -209,12 +183,11 @@ def make_regions(scan: Scan, config: ExtractionConfig, *, smooth_in_box: bool = 
     """
     mask = scan.mask
     spacing = scan.spacing_mm
-    smoothed_box = None
+    native_box = None
     if config.spacing_mm is not None:
-        ct, smoothed_box = _antialiased(scan, config, config.spacing_mm,
-                                        smooth_in_box and config.crop is CropMode.BBOX)
-        ct = _resample(ct, spacing, config.spacing_mm, sitk.sitkLinear, config.hu_min)
-        mask = _resample(mask, spacing, config.spacing_mm, sitk.sitkNearestNeighbor, 0)
+        ct, native_box = _resampled(scan, config, config.spacing_mm,
+                                    in_box and config.crop is CropMode.BBOX)
+        mask = resample_labels(mask, spacing, config.spacing_mm)
         spacing = (config.spacing_mm,) * 3
     else:
         ct = np.clip(scan.ct_hu, config.hu_min, config.hu_max)
@@ -251,5 +224,5 @@ def make_regions(scan: Scan, config: ExtractionConfig, *, smooth_in_box: bool = 
         boxes=boxes,
         spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         config=config,
-        smoothed_box=smoothed_box,
+        native_box=native_box,
     )
