@@ -17,7 +17,7 @@ from torch import nn
 
 from kneebatch.network.kernels import onednn_forward
 from kneebatch.network.lean import lean_forward
-from kneebatch.network.options import FAST, ForwardOptions
+from kneebatch.network.options import FAST, ForwardOptions, amx_supported
 from kneebatch.network.stem import STEM, stem_in_slabs
 
 SLAB_FROM_VOXELS = 8 * 1024**2  # below this the stem's activations are small anyway
@@ -27,39 +27,36 @@ _copies: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.memory_format, to
 _copies_lock = threading.Lock()
 
 
-class Float32Pool(nn.Module):
+class Float32Pool(nn.AvgPool3d):
     """An average pooling run in float32 for a bfloat16 network: torch's CPU ``avg_pool3d`` has no
-    bfloat16 kernel (in either memory format)."""
-
-    def __init__(self, pool: nn.Module) -> None:
-        super().__init__()
-        self.pool = pool
+    bfloat16 kernel (in either memory format). Still an ``AvgPool3d``: lean transitions pool first
+    with their own strided sums (``lean.average_pool2``), which take bfloat16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(x.to(torch.float32)).to(x.dtype)
+        return super().forward(x.to(torch.float32)).to(x.dtype)
 
 
 def _float32_pools(module: nn.Module) -> None:
-    """Wrap every average pooling of ``module`` in ``Float32Pool`` (in place)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.AvgPool3d):
-            setattr(module, name, Float32Pool(child))
-        else:
-            _float32_pools(child)
+    """Make every average pooling of ``module`` a ``Float32Pool`` (in place)."""
+    for child in module.modules():
+        if type(child) is nn.AvgPool3d:
+            child.__class__ = Float32Pool
 
 
 def _bfloat16(network: nn.Module) -> None:
-    """Make ``network`` a bfloat16 network (in place) the way it runs fastest on a CPU with AMX
-    (issue 23's measurements, Sapphire Rapids): every convolution in bfloat16 but conv0, whose one
-    input channel runs 4x faster in float32; every BatchNorm's parameters in float32 (torch's CPU
-    batch norm takes bfloat16 input with float32 parameters, 3x faster than bfloat16 ones) while
-    the BatchNorms folded into convolutions give those their bfloat16 weights; average pooling in
-    float32 (``Float32Pool``)."""
+    """Make ``network`` a bfloat16 network (in place) the way it runs fastest on this CPU: every
+    convolution in bfloat16 but, on a CPU with AMX, conv0, whose one input channel runs 4x faster
+    there in float32 (issue 23, Sapphire Rapids; on AVX512-BF16 without AMX bfloat16 is 1.5x
+    faster); the BatchNorms torch runs keep float32 parameters (torch's CPU batch norm takes
+    bfloat16 input with them, 3x faster than bfloat16 ones on AMX), while what the fast path
+    folds (into convolutions, or into norm1's scale and shift) is bfloat16 as the activations it
+    meets; average pooling in float32 (``Float32Pool``)."""
+    conv0_too = not amx_supported()
     for name, module in network.named_modules():
-        if isinstance(module, nn.Conv3d) and name != "conv0":
+        if isinstance(module, nn.Conv3d) and (name != "conv0" or conv0_too):
             module.to(torch.bfloat16)
-        elif isinstance(module, nn.BatchNorm3d) and name != "norm0":  # norm0 folds into conv0
-            for buffer in ("folded_weight", "folded_bias"):
+        elif isinstance(module, nn.BatchNorm3d) and (name != "norm0" or conv0_too):
+            for buffer in ("folded_weight", "folded_bias", "affine_scale", "affine_shift"):
                 if isinstance(getattr(module, buffer, None), torch.Tensor):
                     setattr(module, buffer, getattr(module, buffer).to(torch.bfloat16))
     _float32_pools(network)
@@ -120,8 +117,8 @@ def extract_features(
         layers: names of ``network``'s children to hook, e.g. ``("denseblock2",)``.
         options: the fast path's switches (all agree with the plain path to float32 rounding).
         dtype: weights and activations (``torch.bfloat16`` for ``--precision bf16``: all but
-            conv0 and the BatchNorms' parameters, see ``_bfloat16``); pooling to vectors is done
-            in float32 either way.
+            conv0 on AMX and the BatchNorms' parameters, see ``_bfloat16``); pooling to vectors
+            is done in float32 either way.
         region: bool (z, y, x) like ``volume``, the region's voxels: each layer is averaged over
             them only (``--pooling region``). None averages over the whole input.
 
@@ -148,7 +145,9 @@ def extract_features(
         for name in layers
     ]
     deepest = max(list(children).index(name) for name in layers)
-    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]  # conv0: f32
+    # in conv0's dtype (float32 for a float32 network, and for a bfloat16 one on AMX)
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(
+        net.get_submodule("conv0").weight.dtype)
     modules = list(children.items())[: deepest + 1]
     start = time.perf_counter()
     try:
@@ -161,7 +160,7 @@ def extract_features(
             for _, module in modules:
                 # Keep every activation in the asked layout: after the one-channel input, and
                 # after layers torch returns contiguous for a channels_last input (avg pooling).
-                # and in ``dtype`` from conv0's output on (conv0 runs in float32 either way)
+                # and in ``dtype`` from conv0's output on
                 x = module(x).to(dtype).contiguous(memory_format=fmt)
     finally:
         for handle in handles:

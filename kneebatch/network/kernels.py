@@ -3,9 +3,10 @@
 torch picks its own ``slow_conv3d`` kernel for small inputs and, on one thread, for 1x1x1
 convolutions: about a tenth of a knee's forward time on small dense-block grids. oneDNN's kernel
 is faster at every size measured here (a knee's forward 14-16% faster on 1 and 2 threads, AVX2)
-and agrees to float32 rounding. bfloat16 keeps torch's choice (oneDNN's bf16 kernels need native
-support). ``ForwardOptions.onednn`` switches it per forward pass (a context variable, as
-``lean_forward``); ``onednn_calls`` counts the calls so tests can see the fast path ran.
+and agrees to float32 rounding. bfloat16 goes through oneDNN where the CPU has native bfloat16
+(torch already picks oneDNN there; this adds the fused ReLU), else keeps torch's choice.
+``ForwardOptions.onednn`` switches it per forward pass (a context variable, as ``lean_forward``);
+``onednn_calls`` counts the calls so tests can see the fast path ran.
 A convolution followed by a ReLU (each dense layer's conv1, the stem's conv0) is one oneDNN call
 with the ReLU fused in (``conv3d(..., relu=True)``): one pass fewer over its output, 6% of a 1x1x1
 convolution's time measured here.
@@ -25,11 +26,14 @@ _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("kneebatch_onednn", d
 _CALLS = 0
 _FUSED = 0
 AVAILABLE = torch.backends.mkldnn.is_available()
+_DTYPES = (torch.float32, torch.bfloat16) if AVAILABLE and \
+    torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 @contextlib.contextmanager
 def onednn_forward(on: bool) -> Iterator[None]:
-    """Route float32 convolutions through oneDNN (``on``) or torch's own choice."""
+    """Route float32 (and native bfloat16) convolutions through oneDNN (``on``) or torch's own
+    choice."""
     token = _ON.set(on and AVAILABLE)
     try:
         yield
@@ -52,9 +56,9 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            dilation: tuple[int, ...] = (1, 1, 1), groups: int = 1, *,
            relu: bool = False) -> torch.Tensor:
     """``F.conv3d`` with explicit padding, followed by a ReLU with ``relu``; through oneDNN when
-    switched on for float32, the ReLU fused into the same call."""
+    switched on for float32 (and native bfloat16), the ReLU fused into the same call."""
     global _CALLS, _FUSED
-    if _ON.get() and x.dtype == torch.float32 and x.device.type == "cpu":
+    if _ON.get() and x.dtype in _DTYPES and x.device.type == "cpu":
         _CALLS += 1
         if relu:
             _FUSED += 1

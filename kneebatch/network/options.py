@@ -56,13 +56,21 @@ FAST = ForwardOptions()  # the default
 EMULATED_BF16_ENV = "KNEEBATCH_TEST_EMULATED_BF16"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def bf16_supported() -> bool:
     """True on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def amx_supported() -> bool:
+    """True on a CPU with AMX tiles for bfloat16 (Sapphire Rapids and later)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def check_precision(precision: Precision) -> None:
