@@ -146,8 +146,10 @@ def extract_features(
     ]
     deepest = max(list(children).index(name) for name in layers)
     # in conv0's dtype (float32 for a float32 network, and for a bfloat16 one on AMX)
+    conv0 = net.get_submodule("conv0")
+    assert isinstance(conv0, nn.Conv3d)
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(
-        net.get_submodule("conv0").weight.dtype)
+        conv0.weight.dtype)
     modules = list(children.items())[: deepest + 1]
     start = time.perf_counter()
     try:
