@@ -41,19 +41,41 @@ class RegionStats:
         return values
 
 
-def _body_on_native(regions: Regions, native_shape: tuple[int, ...],
-                    native_mm: tuple[float, float, float]) -> np.ndarray | None:
-    """The analysis grid's body mask looked up at each native voxel (nearest grid voxel: the
-    resampled grid's voxel 0 is centred half a voxel step in, see ``resample.grid_positions``); one
-    axis at a time, smallest result first."""
-    if regions.grid_body is None:
-        return None
-    body = regions.grid_body
-    for axis in (2, 1, 0):
-        n, old, new = native_shape[axis], native_mm[axis], regions.spacing_mm[axis]
-        grid = np.rint((np.arange(n) * old - 0.5 * (new - old)) / new).astype(np.intp)
-        body = np.take(body, np.clip(grid, 0, body.shape[axis] - 1), axis=axis)
-    return body
+def _grid_index(regions: Regions, native_shape: tuple[int, ...],
+                native_mm: tuple[float, float, float], axis: int) -> np.ndarray:
+    """The analysis grid's voxel nearest to each native voxel along ``axis`` (the grid's voxel 0
+    is centred half a voxel step in, see ``resample.grid_positions``)."""
+    n, old, new = native_shape[axis], native_mm[axis], regions.spacing_mm[axis]
+    grid = np.rint((np.arange(n) * old - 0.5 * (new - old)) / new).astype(np.intp)
+    return np.clip(grid, 0, regions.grid_shape[axis] - 1)
+
+
+def _box(found: np.ndarray) -> list[tuple[int, int]] | None:
+    """Index span per axis of the True voxels, None if none."""
+    spans = []
+    for axis in range(found.ndim):
+        hits = np.flatnonzero(found.any(axis=tuple(a for a in range(found.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        spans.append((int(hits[0]), int(hits[-1]) + 1))
+    return spans
+
+
+def _stats_box(scan: Scan, regions: Regions, grids: list[np.ndarray]) -> tuple[slice, ...]:
+    """The native box that holds every labelled voxel and every native voxel whose nearest grid
+    voxel is body (the whole volume where the background is every label-0 voxel): no region has a
+    voxel outside it."""
+    whole = tuple(slice(0, n) for n in scan.mask.shape)
+    body = None if regions.grid_body is None else _box(regions.grid_body)
+    if body is None:
+        return whole
+    native_body = []
+    for grid, (g0, g1) in zip(grids, body, strict=True):  # grid index rises with native index
+        hits = np.flatnonzero((grid >= g0) & (grid < g1))
+        native_body.append((int(hits[0]), int(hits[-1]) + 1))
+    spans = [native_body, *[s for s in (_box(scan.mask != 0),) if s]]
+    return tuple(slice(min(s[axis][0] for s in spans), max(s[axis][1] for s in spans))
+                 for axis in range(3))
 
 
 HISTOGRAM_SPAN = 1 << 16  # whole HU spanning more than int16's range: sort instead of counting
@@ -88,15 +110,23 @@ def _stats(values: np.ndarray, voxel_ml: float) -> RegionStats:
 def region_stats(scan: Scan, regions: Regions) -> dict[str, RegionStats]:
     """Volume and HU statistics of tibia, femur and background (label 0 inside the body, as the
     network's background region; every label-0 voxel when no body is found, as ``--crop none
-    --pooling crop``)."""
+    --pooling crop``), each native voxel counted in the region of its nearest grid voxel's body.
+    Only the native box that holds every region is read (``_stats_box``)."""
     voxel_ml = float(np.prod(scan.spacing_mm)) / 1000.0
-    body = _body_on_native(regions, scan.mask.shape, scan.spacing_mm)
+    grids = [_grid_index(regions, scan.mask.shape, scan.spacing_mm, axis) for axis in range(3)]
+    box = _stats_box(scan, regions, grids)
+    mask, ct = scan.mask[box], scan.ct_hu[box]
+    body = None
+    if regions.grid_body is not None:
+        body = regions.grid_body
+        for axis in (2, 1, 0):  # one axis at a time, smallest result first
+            body = np.take(body, grids[axis][box[axis]], axis=axis)
     stats = {}
     for name in REGIONS:
-        members = scan.mask == LABELS.get(name, BACKGROUND)
+        members = mask == LABELS.get(name, BACKGROUND)
         if name == "background" and body is not None:
             members &= body
-        values = scan.ct_hu[members]
+        values = ct[members]
         if values.size:  # make_regions has already refused a knee without this region
             stats[name] = _stats(values, voxel_ml)
     return stats

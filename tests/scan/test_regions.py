@@ -222,3 +222,33 @@ def test_resampling_only_around_the_body_feeds_the_same_inputs() -> None:
         (volume, members), (plain_volume, plain_members) = fast.region(name), plain.region(name)
         np.testing.assert_array_equal(members, plain_members)
         np.testing.assert_allclose(volume, plain_volume, rtol=0, atol=1e-6)  # float32 rounding
+
+
+def test_region_statistics_read_only_the_box_around_the_regions() -> None:
+    """Issue 23: no second pass over the whole native volume; the same numbers as one."""
+    import SimpleITK as sitk
+
+    from kneebatch.config import LABELS, REGIONS
+    from kneebatch.inputs.phantom import make_phantom
+    from kneebatch.scan import region_stats as rs
+
+    ct_img, mask_img, _ = make_phantom((30, 160, 160), (1.5, 0.4, 0.4), seed=5, side="R")
+    ct = np.rint(sitk.GetArrayFromImage(sitk.DICOMOrient(ct_img, "LPS"))).astype(np.float32)
+    mask = sitk.GetArrayFromImage(sitk.DICOMOrient(mask_img, "LPS"))
+    scan = Scan("s1", ct, mask, (1.5, 0.4, 0.4), "R", "LPS")
+    regions = make_regions(scan, ExtractionConfig())
+    assert regions.grid_body is not None
+    grids = [rs._grid_index(regions, ct.shape, scan.spacing_mm, axis) for axis in range(3)]
+    box = rs._stats_box(scan, regions, grids)
+    assert np.prod([b.stop - b.start for b in box]) < 0.8 * ct.size  # the fast path reads less
+    body = regions.grid_body[np.ix_(*grids)]  # every native voxel's nearest grid voxel
+    stats = rs.region_stats(scan, regions)
+    for name in REGIONS:
+        members = mask == LABELS.get(name, 0)
+        if name == "background":
+            members &= body
+        values = ct[members]
+        assert stats[name].voxels == values.size
+        assert stats[name].hu_mean == pytest.approx(float(values.mean(dtype=np.float64)))
+        assert stats[name].hu_std == pytest.approx(float(values.std(dtype=np.float64)))
+        assert stats[name].hu_percentiles == pytest.approx(np.percentile(values, PERCENTILES))
