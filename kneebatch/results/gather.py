@@ -31,7 +31,12 @@ from kneebatch.inputs.extras import column_types, convert
 from kneebatch.inputs.labels import LabelMap
 from kneebatch.inputs.manifest import scan_id
 from kneebatch.outdir.atomic import left_by_dead_writer, write_text_atomic
-from kneebatch.outdir.failures import current_failures, write_failures_csv
+from kneebatch.outdir.failures import (
+    ROW_FAILURES,
+    SUBJECT_FAILURES,
+    current_failures,
+    write_failures_csv,
+)
 from kneebatch.outdir.folder import (
     OLD_DEBRIS,
     check_not_merged,
@@ -101,11 +106,14 @@ class _Survey:
 
 
 def _clear_debris(out: Path) -> None:
-    """Remove what killed gathers left: temporaries of run.json and failures.csv whose writer is
-    gone, folders of kneebatch 0.1 (the caller holds the gather lock)."""
+    """Remove what killed runs left: temporaries whose writer is gone, of run.json and
+    failures.csv and of the failure records, and folders of kneebatch 0.1 (the caller holds the
+    gather lock)."""
+    for folder in (out, out / SUBJECT_FAILURES, out / ROW_FAILURES):
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if left_by_dead_writer(path):
+                path.unlink(missing_ok=True)
     for path in out.iterdir():
-        if left_by_dead_writer(path):
-            path.unlink(missing_ok=True)
         if OLD_DEBRIS.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
 
