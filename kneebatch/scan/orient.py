@@ -35,7 +35,7 @@ def axis_aligned(spec: SubjectSpec, ct: sitk.Image, mask: sitk.Image
     grid = sitk.Image([int(n) for n in np.ceil((high - low) / spacing - 1e-6)], sitk.sitkUInt8)
     grid.SetSpacing(spacing.tolist())
     grid.SetOrigin((low + spacing / 2).tolist())
-    ct = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, ct.GetPixelID())
+    ct = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
     mask = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                          mask.GetPixelID())
     warning = (f"the scan is oblique ({angle:.1f} degrees from the axis-aligned LPS grid): CT "

@@ -40,7 +40,7 @@ class Scan:
 
     Attributes:
         subject_id: the subject.
-        ct_hu: CT in HU, float32, (z, y, x).
+        ct_hu: CT in HU, (z, y, x): int16 (or 8 bits) as CT files store it, else float32.
         mask: labels, uint8, (z, y, x): 0 background, 1 tibia, 2 femur, 3 any other value
             (the subject's label map already applied).
         spacing_mm: voxel size (z, y, x).
@@ -126,6 +126,8 @@ def mask_values(spec: SubjectSpec, mask: sitk.Image) -> np.ndarray:
 
 _INTEGER_PIXELS = {sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
                    sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64}
+# CT values kept as read (every later step reads them as float32 box by box); others become float32
+_COMPACT_PIXELS = {sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16}
 
 def anatomy_warnings(spec: SubjectSpec, image: sitk.Image, labels: np.ndarray) -> tuple[str, ...]:
     """``check_anatomy`` for ``run`` and ``validate`` alike: its warnings, its problem raised.
@@ -232,7 +234,8 @@ def load_scan(spec: SubjectSpec, config: ExtractionConfig,
                            config.resample_mask)
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.GetDirection())
     whole = ct.GetPixelID() in _INTEGER_PIXELS  # whole numbers: never NaN or inf
-    ct = sitk.Cast(ct, sitk.sitkFloat32)
+    if ct.GetPixelID() not in _COMPACT_PIXELS:  # CT's own int16 is kept: no pass, half the bytes
+        ct = sitk.Cast(ct, sitk.sitkFloat32)
     if orientation != "LPS":  # a file already in LPS needs no reorienting copy
         ct, mask = sitk.DICOMOrient(ct, "LPS"), sitk.DICOMOrient(mask, "LPS")
     ct, mask, oblique = axis_aligned(spec, ct, mask)

@@ -86,7 +86,8 @@ def _stats(values: np.ndarray, voxel_ml: float) -> RegionStats:
     when the values are whole HU within int16's span, as CT stores them; else sorted, so memory
     stays bounded by the region's size whatever the values."""
     whole = values.astype(np.int32)
-    if not np.array_equal(whole, values) or int(whole.max()) - int(whole.min()) >= HISTOGRAM_SPAN:
+    exact = np.issubdtype(values.dtype, np.integer) or np.array_equal(whole, values)
+    if not exact or int(whole.max()) - int(whole.min()) >= HISTOGRAM_SPAN:
         return RegionStats(int(values.size), round(values.size * voxel_ml, 3),
                            float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64)),
                            tuple(float(v) for v in np.percentile(values, PERCENTILES)))

@@ -190,7 +190,8 @@ def make_regions(scan: Scan, config: ExtractionConfig, *, in_box: bool = True) -
         mask = resample_labels(mask, spacing, config.spacing_mm)
         spacing = (config.spacing_mm,) * 3
     else:
-        ct = np.clip(scan.ct_hu, config.hu_min, config.hu_max)
+        ct = scan.ct_hu.astype(np.float32)  # a copy, clipped in place
+        np.clip(ct, config.hu_min, config.hu_max, out=ct)
     full: Box = tuple((0, n) for n in ct.shape)
     boxes: dict[str, Box] = dict.fromkeys(REGIONS, full)
     margin = tuple(math.ceil(config.margin_mm / s) for s in spacing)

@@ -133,8 +133,8 @@ def smooth_and_resample(volume: np.ndarray, box: Box, spacing_mm: tuple[float, .
             return np.full(shape, air, dtype=np.float32)
         kept.append(slice(int(rows[0]), int(rows[-1]) + 1))
         matrices.append(matrix[kept[-1]])
-    part = np.clip(volume[tuple(slice(a, b) for a, b in box)], *window).astype(np.float32,
-                                                                             copy=False)
+    part = np.array(volume[tuple(slice(a, b) for a, b in box)], dtype=np.float32)  # a copy
+    np.clip(part, *window, out=part)
     part -= air
     # the axes in the order that makes the fewest multiplications (dense count: a fair guide)
     order = min(itertools.permutations(range(3)), key=lambda axes: _cost(part.shape, matrices, axes))

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from kneebatch.config import ExtractionConfig
+from kneebatch.config import REGIONS, CropMode, ExtractionConfig
 from kneebatch.errors import GeometryError, InputImageError
 from kneebatch.inputs.manifest import SubjectSpec
 from kneebatch.inputs.phantom import make_phantom
 from kneebatch.scan.read import load_scan
+from kneebatch.scan.region_stats import region_stats
+from kneebatch.scan.regions import make_regions
 
 from ..helpers import SMALL_SHAPE, SMALL_SPACING, write_dicom_series
 
@@ -50,6 +52,27 @@ def test_every_format_gives_the_same_scan(tmp_path: Path, ext: str) -> None:
     np.testing.assert_array_equal(scan.ct_hu, reference.ct_hu)
     np.testing.assert_array_equal(scan.mask, reference.mask)
     np.testing.assert_allclose(scan.spacing_mm, SMALL_SPACING, atol=1e-4)
+
+
+def test_int16_ct_is_kept_as_read_and_gives_the_float_cts_inputs(tmp_path: Path) -> None:
+    """CT files store int16: kept so (no float32 copy of the whole volume), with the same network
+    inputs and region statistics as the same values stored as float32."""
+    ct, mask = _phantom()
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    scans = {}
+    for pixel in (sitk.sitkInt16, sitk.sitkFloat32):
+        path = tmp_path / f"ct{pixel}.nii.gz"
+        sitk.WriteImage(sitk.Cast(ct, pixel), str(path))
+        scans[pixel] = load_scan(_spec(path, tmp_path / "mask.nii.gz"), CONFIG)
+    assert scans[sitk.sitkInt16].ct_hu.dtype == np.int16
+    assert scans[sitk.sitkFloat32].ct_hu.dtype == np.float32
+    for config in (CONFIG, ExtractionConfig(spacing_mm=None, crop=CropMode.NONE)):
+        regions = {p: make_regions(scan, config) for p, scan in scans.items()}
+        for name in REGIONS:
+            np.testing.assert_array_equal(regions[sitk.sitkInt16].volume(name),
+                                          regions[sitk.sitkFloat32].volume(name))
+        assert (region_stats(scans[sitk.sitkInt16], regions[sitk.sitkInt16])
+                == region_stats(scans[sitk.sitkFloat32], regions[sitk.sitkFloat32]))
 
 
 def test_orientation_is_made_canonical(tmp_path: Path) -> None:
