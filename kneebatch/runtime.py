@@ -10,11 +10,6 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-# OpenMP threads that wait sleep instead of spinning (set before torch is imported; a user's own
-# value wins): with another process on one of 2 cores the whole run was 5-22% faster, and no
-# slower on a quiet node (benchmarks/README.md, sixth session).
-OMP_WAIT_POLICY = "PASSIVE"
-
 
 def usable_cpus() -> int:
     """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` if set, else what dask finds (the
