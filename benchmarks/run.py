@@ -217,6 +217,7 @@ RUNS = {  # name: (flags, compete, env): layouts and switches of the whole `knee
                                            False, {}),
     "--workers 1 --threads-per-worker 1": (("--workers", "1", "--threads-per-worker", "1"),
                                            False, {}),
+    "OMP_WAIT_POLICY=PASSIVE (quiet)": ((), False, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "defaults, another process busy on one core": ((), True, {}),
     "same, OMP_WAIT_POLICY=PASSIVE": ((), True, {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
