@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kneebatch.network.kernels import onednn_forward
-from kneebatch.network.lean import lean_forward
+from kneebatch.network.lean import block_channels, lean_forward
 from kneebatch.network.options import FAST, ForwardOptions, amx_supported
 from kneebatch.network.stem import STEM, stem_in_slabs
 
@@ -157,7 +157,10 @@ def extract_features(
                                                               options.pool_first), \
                 onednn_forward(options.onednn):
             if options.stem_slabs and x.numel() >= SLAB_FROM_VOXELS:
-                x = stem_in_slabs(net, x, memory_format=fmt).to(dtype)
+                # with room for the first block to grow in place (its lean forward)
+                room = block_channels(modules[len(STEM)][1]) if (
+                    options.lean_blocks and len(modules) > len(STEM)) else None
+                x = stem_in_slabs(net, x, memory_format=fmt, dtype=dtype, channels=room)
                 modules = [(n, m) for n, m in modules if n not in STEM]
             for _, module in modules:
                 # Keep every activation in the asked layout: after the one-channel input, and

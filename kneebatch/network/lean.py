@@ -5,18 +5,23 @@ maps again in every layer and normalises the whole concatenation: three copies o
 grows to 256 channels at a quarter of the input's size (2.9 GB extra for a 512 x 512 x 216 volume).
 ``LeanDenseBlock`` writes every layer's new channels into one preallocated buffer and runs each
 layer's pointwise part (norm1, relu1, the 1x1x1 conv1 with norm2 folded into it, relu2) in depth
-slabs; only the 3x3x3 conv2 sees a whole tensor. Same modules, same state dict, same forward hooks,
-same numbers (to float32 rounding). Each layer's norm1 + relu1 is one multiply-add and a ReLU with
-the BatchNorm's scale and shift, computed once at load.
+slabs; the 3x3x3 conv2 sees the whole bottleneck unless it is large (a native-resolution knee's
+first block: 0.45 GB), where it runs in depth slabs too, each reading one row of bottleneck beyond
+its ends (carried over from the slab before). A block whose input came with room for its channels
+(the stem's output, ``stem_in_slabs(channels=...)``) grows it in place. Same modules, same state
+dict, same forward hooks, same numbers (to float32 rounding). Each layer's norm1 + relu1 is one
+multiply-add and a ReLU with the BatchNorm's scale and shift, computed once at load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -136,6 +141,28 @@ def _slabs(depth: int, row_bytes: int) -> list[tuple[int, int]]:
     return [(d, min(depth, d + step)) for d in range(0, depth, step)]
 
 
+def block_channels(block: nn.Module) -> int | None:
+    """The channels of a dense block's output (its input's and every layer's new ones), or None
+    for anything else."""
+    if not isinstance(block, DenseBlock):
+        return None
+    layers = [layer for layer in block.values() if isinstance(layer, DenseLayer)]
+    return layers[0].conv1.in_channels + layers[0].conv2.out_channels * len(layers)
+
+
+def _room(init_features: torch.Tensor, total: int, fmt: torch.memory_format) -> torch.Tensor | None:
+    """The ``total``-channel tensor whose first channels ``init_features`` is, when the block's
+    input came with room to grow in place (``stem_in_slabs(channels=...)``: its storage holds
+    ``total`` channels laid out in ``fmt``), else None."""
+    size = (init_features.shape[0], total, *init_features.shape[2:])
+    stride = torch.empty(size, device="meta", memory_format=fmt).stride()
+    if (init_features.storage_offset() != 0 or init_features.stride() != stride
+            or init_features.untyped_storage().nbytes()
+            < init_features.element_size() * math.prod(size)):
+        return None
+    return init_features.as_strided(size, stride)
+
+
 class LeanDenseBlock(DenseBlock):
     """A ``DenseBlock`` (same children and weights) with a memory-lean forward in eval mode."""
 
@@ -145,31 +172,108 @@ class LeanDenseBlock(DenseBlock):
         return self.lean(init_features)
 
     def lean(self, init_features: torch.Tensor) -> torch.Tensor:
-        """The block's output, written into one buffer (see the module docstring)."""
+        """The block's output, written into one buffer (see the module docstring): the input's
+        own when it came with room for every layer's channels."""
         layers = [layer for layer in self.values() if isinstance(layer, DenseLayer)]
         n, c0, depth, height, width = init_features.shape
         growth = layers[0].conv2.out_channels
         total = c0 + growth * len(layers)
         fmt = _LAYOUT.get()
-        buffer = torch.empty((n, total, depth, height, width), dtype=init_features.dtype,
-                             memory_format=fmt)
-        buffer[:, :c0] = init_features
-        channels = c0
+        buffer = _room(init_features, total, fmt)
+        if buffer is None:
+            buffer = torch.empty((n, total, depth, height, width), dtype=init_features.dtype,
+                                 memory_format=fmt)
+            buffer[:, :c0] = init_features
         row_bytes = init_features.element_size() * n * height * width
         width1 = layers[0].conv1.out_channels
-        bottleneck = torch.empty((n, width1, depth, height, width), dtype=buffer.dtype,
+        conv2 = layers[0].conv2
+        whole = (row_bytes * width1 * depth <= CONV2_SLABS_FROM_BYTES
+                 or conv2.padding_mode not in ("zeros", "replicate"))
+        global _CONV2_SLAB_RUNS
+        _CONV2_SLAB_RUNS += not whole
+        rows = max(1, SLAB_BYTES // (row_bytes * width1) - 2 * _depth_padding(conv2))
+        bottleneck = torch.empty((n, width1, depth if whole else rows + 2 * _depth_padding(conv2),
+                                  height, width), dtype=buffer.dtype,
                                  memory_format=fmt)  # reused by every layer
+        channels = c0
         for layer in layers:
-            weight1, bias1 = fold_batchnorm(layer.conv1, layer.norm2)  # conv1 + norm2 in one
-            scale, shift = batchnorm_affine(layer.norm1)
-            for d0, d1 in _slabs(depth, row_bytes * (channels + 2 * width1)):
-                # norm1 + relu1 as one multiply-add: torch's batch norm is 3-9x slower on this
-                # channel slice of a channels_last buffer than on a whole tensor
-                part = torch.addcmul(shift, buffer[:, :channels, d0:d1], scale).relu_()
-                bottleneck[:, :, d0:d1] = conv3d(part, weight1, bias1, relu=True)  # relu2
-            buffer[:, channels:channels + growth] = layer.conv2(bottleneck)
+            new = buffer[:, channels:channels + growth]
+            if whole:
+                _bottleneck(layer, buffer[:, :channels], 0, depth, bottleneck)
+                new.copy_(layer.conv2(bottleneck))
+            else:
+                _conv2_in_slabs(layer, buffer[:, :channels], new, bottleneck, rows)
             channels += growth
         return buffer
+
+
+CONV2_SLABS_FROM_BYTES = 256 * 1024**2  # a larger bottleneck is never whole: conv2 in slabs too
+_CONV2_SLAB_RUNS = 0  # dense blocks run with conv2 in depth slabs (tests: the path ran)
+
+
+def conv2_slab_runs() -> int:
+    """How many dense blocks this process has run with their 3x3x3 convolutions in slabs."""
+    return _CONV2_SLAB_RUNS
+
+
+def _depth_padding(conv: nn.Conv3d) -> int:
+    padding = conv.padding
+    assert isinstance(padding, tuple)  # never 'same'/'valid' in DenseNet
+    return int(padding[0])
+
+
+def _bottleneck(layer: nn.Module, features: torch.Tensor, d0: int, d1: int,
+                out: torch.Tensor) -> None:
+    """Rows ``d0:d1`` of a dense layer's bottleneck (norm1, relu1, conv1 with norm2 folded in,
+    relu2) of ``features`` into ``out`` (as many rows), in slabs of about ``SLAB_BYTES``."""
+    conv1, norm1, norm2 = (layer.get_submodule(name) for name in ("conv1", "norm1", "norm2"))
+    assert isinstance(conv1, nn.Conv3d) and isinstance(norm1, nn.BatchNorm3d)
+    assert isinstance(norm2, nn.BatchNorm3d)
+    weight1, bias1 = fold_batchnorm(conv1, norm2)  # conv1 + norm2 in one
+    scale, shift = batchnorm_affine(norm1)
+    n, channels, _, height, width = features.shape
+    row_bytes = features.element_size() * n * height * width * (channels + 2 * conv1.out_channels)
+    for a, b in _slabs(d1 - d0, row_bytes):
+        # norm1 + relu1 as one multiply-add: torch's batch norm is 3-9x slower on this channel
+        # slice of a channels_last buffer than on a whole tensor
+        part = torch.addcmul(shift, features[:, :, d0 + a:d0 + b], scale).relu_()
+        out[:, :, a:b] = conv3d(part, weight1, bias1, relu=True)  # relu2
+
+
+def _conv2_in_slabs(layer: nn.Module, features: torch.Tensor, new: torch.Tensor,
+                    scratch: torch.Tensor, rows: int) -> None:
+    """A dense layer's new channels (``new``, written in place) from ``features``, ``rows`` output
+    rows at a time, so its whole bottleneck never exists at once: each slab's bottleneck rows,
+    with the rows its 3x3x3 convolution reads beyond the slab (carried over from the slab before,
+    not recomputed), go into ``scratch``; the volume's own padding is added at its first and last
+    rows, as conv2 pads."""
+    conv = layer.get_submodule("conv2")
+    assert isinstance(conv, nn.Conv3d)
+    pad = _depth_padding(conv)
+    depth = features.shape[2]
+    assert isinstance(conv.padding, tuple)
+    ph, pw = int(conv.padding[1]), int(conv.padding[2])
+    carried = scratch[:, :, :0]  # bottleneck rows computed for the slab before, this one reads
+    for o0 in range(0, depth, rows):
+        o1 = min(depth, o0 + rows)
+        i0, i1 = max(0, o0 - pad), min(depth, o1 + pad)  # bottleneck rows this slab reads
+        front, back = pad - (o0 - i0), pad - (i1 - o1)  # rows beyond the volume
+        piece = scratch[:, :, :front + (i1 - i0) + back]
+        body = piece[:, :, front:front + i1 - i0]
+        body[:, :, :carried.shape[2]] = carried
+        _bottleneck(layer, features, i0 + carried.shape[2], i1, body[:, :, carried.shape[2]:])
+        carried = body[:, :, max(0, o1 - pad) - i0:].clone()
+        if conv.padding_mode == "zeros":
+            piece[:, :, :front] = 0
+            piece[:, :, front + i1 - i0:] = 0
+            padding = (0, ph, pw)
+        else:  # replicate: the edge rows again, then height and width padded as conv2 pads
+            piece[:, :, :front] = body[:, :, :1]
+            piece[:, :, front + i1 - i0:] = body[:, :, -1:]
+            piece = F.pad(piece, (pw, pw, ph, ph, 0, 0), mode="replicate")
+            padding = (0, 0, 0)
+        new[:, :, o0:o1] = conv3d(piece, conv.weight, conv.bias, conv.stride,
+                                  padding, conv.dilation, conv.groups)
 
 
 class LeanTransition(Transition):

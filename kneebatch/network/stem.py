@@ -29,7 +29,8 @@ def _rest(value: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 256 * 1024**2, *,
-                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+                  memory_format: torch.memory_format = torch.contiguous_format,
+                  dtype: torch.dtype | None = None, channels: int | None = None) -> torch.Tensor:
     """``pool0(relu0(norm0(conv0(x))))``, computed slab by slab along depth.
 
     Args:
@@ -38,6 +39,10 @@ def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 256 
         budget_bytes: about how much memory one slab's conv activations may take.
         memory_format: the layout of the returned (64-channel) tensor. The input's own layout
             cannot tell: with one channel both layouts are the same.
+        dtype: the returned tensor's (default: conv0's).
+        channels: allocate this many channels and return the first ones as a view: the next
+            dense block grows its input in place (``lean.LeanDenseBlock``) instead of copying it
+            into a buffer of its own, so the stem's output and that buffer never exist at once.
 
     Returns:
         The stem's output, as the unsliced modules would give it.
@@ -72,8 +77,8 @@ def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 256 
         z = F.max_pool3d(y, pool.kernel_size, pool.stride, (0, *_rest(pool.padding)),
                          pool.dilation)
         if out is None:
-            out = torch.empty((*z.shape[:2], out_depth, *z.shape[3:]), dtype=z.dtype,
-                              memory_format=memory_format)
-        out[:, :, j0:j1] = z
+            out = torch.empty((z.shape[0], max(channels or 0, z.shape[1]), out_depth,
+                               *z.shape[3:]), dtype=dtype or z.dtype, memory_format=memory_format)
+        out[:, :z.shape[1], j0:j1] = z
     assert out is not None
-    return out
+    return out[:, :conv.out_channels] if out.shape[1] > conv.out_channels else out

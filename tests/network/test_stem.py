@@ -12,8 +12,9 @@ import torch
 
 from kneebatch.network import features as features_module
 from kneebatch.network import lean
+from kneebatch.network.densenet3d import DenseLayer
 from kneebatch.network.features import extract_features
-from kneebatch.network.model import grey_input
+from kneebatch.network.model import grey_input, set_conv_padding
 from kneebatch.network.options import ForwardOptions
 from kneebatch.network.stem import STEM, stem_in_slabs
 from kneebatch.network.weights import build_model
@@ -194,8 +195,62 @@ def test_the_relu_after_a_convolution_is_fused_into_it_with_the_same_numbers(
     volume = np.random.default_rng(7).random(size=(34, 36, 38)).astype(np.float32)
     before = kernels.fused_relu_calls()
     fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
-    dense_layers = sum(type(m).__name__ == "_DenseLayer" for m in network.modules())
+    dense_layers = sum(isinstance(m, DenseLayer) for m in network.modules())
+    assert dense_layers == 58  # 6 + 12 + 24 + 16
     assert kernels.fused_relu_calls() - before >= dense_layers  # one or more slabs each
     other, _ = extract_features(network, volume, LAYERS, ForwardOptions(onednn=False))
     for layer in LAYERS:
         np.testing.assert_allclose(fast[layer], other[layer], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "replicate"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("slab_bytes", [1, 300_000], ids=["1-row-slabs", "few-row-slabs"])
+def test_dense_layers_in_depth_slabs_give_the_whole_tensors_numbers(
+        network: torch.nn.Sequential, monkeypatch: pytest.MonkeyPatch, padding: str,
+        channels_last: bool, slab_bytes: int) -> None:
+    """A native-resolution knee's bottleneck (128 channels at a quarter of the input) is never
+    whole: each 3x3x3 conv2 reads its slab's bottleneck rows plus the rows beyond it, carried
+    from the slab before; the volume's first and last rows padded as conv2 pads."""
+    set_conv_padding(network, padding)  # type: ignore[arg-type]
+    fmt = CL if channels_last else torch.contiguous_format
+    net = copy.deepcopy(network).to(memory_format=fmt)
+    x = torch.rand(1, 1, 61, 40, 36, generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(lean, "SLAB_BYTES", slab_bytes)
+    with torch.inference_mode():
+        with lean.lean_forward(False):
+            plain = net(x)
+        before = lean.conv2_slab_runs()
+        with lean.lean_forward(True, fmt):
+            whole = net(x)
+        assert lean.conv2_slab_runs() == before  # small: every bottleneck whole
+        monkeypatch.setattr(lean, "CONV2_SLABS_FROM_BYTES", 0)
+        with lean.lean_forward(True, fmt):
+            slabbed = net(x)
+    assert lean.conv2_slab_runs() - before == 4  # every block, in slabs
+    scale = max(1.0, plain.abs().max().item())
+    torch.testing.assert_close(slabbed, plain, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(slabbed, whole, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_the_first_dense_block_grows_the_stems_output_in_place(
+        network: torch.nn.Sequential, channels_last: bool) -> None:
+    """The stem's output comes with room for denseblock1's channels: the block writes its layers
+    into it instead of a second buffer of its own (a native knee: 0.2 GB less at the peak)."""
+    fmt = CL if channels_last else torch.contiguous_format
+    net = copy.deepcopy(network).to(memory_format=fmt)
+    x = torch.rand(1, 1, 40, 34, 30, generator=torch.Generator().manual_seed(9))
+    total = lean.block_channels(net.denseblock1)
+    assert total == 256
+    with torch.inference_mode(), lean.lean_forward(True, fmt):
+        stem = stem_in_slabs(net, x, budget_bytes=200_000, memory_format=fmt, channels=total)
+        assert stem.shape[1] == 64
+        assert stem.untyped_storage().nbytes() == 4 * stem.numel() * total // 64
+        expected = net.denseblock1(stem.clone(memory_format=fmt))
+        grown = net.denseblock1(stem)
+        assert grown.data_ptr() == stem.data_ptr()  # the same memory, no copy
+        plain = stem_in_slabs(net, x, budget_bytes=200_000, memory_format=fmt)
+        assert plain.untyped_storage().nbytes() == 4 * plain.numel()
+        assert net.denseblock1(plain).data_ptr() != plain.data_ptr()
+    torch.testing.assert_close(grown, expected, rtol=0, atol=0)
