@@ -20,17 +20,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 # ---------------------------------------------------------------- child-process measurements
-def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
+def _naive(ct: str, mask: str, model: str) -> dict[str, Any]:
     """The seed's way: rebuild + load the model, whole masked volumes at native resolution."""
     import numpy as np
     import SimpleITK as sitk
     import torch
     from torchvision.models import densenet121
 
-    from kneebatch.network.flops import forward_flops
     from kneebatch.network.inflate import collapse_input_channels, inflate
 
     start = time.perf_counter()
@@ -65,16 +65,15 @@ def _naive(ct: str, mask: str, model: str) -> dict[str, float]:
             h.remove()
         vectors[region] = {k: v[0].numpy() for k, v in outputs.items()}
     return {"knee_s": time.perf_counter() - start, "forward_s": forward,
-            "gflop": forward_flops(shapes, layers) / 1e9}
+            "shapes": shapes, "layers": layers}
 
 
-def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]:
+def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, Any]:
     """kneebatch's per-knee path as a worker runs it: the model is already loaded."""
     from kneebatch.config import ExtractionConfig
     from kneebatch.extract.pipeline import compute_subject
     from kneebatch.inputs.manifest import SubjectSpec
     from kneebatch.network.cache import get_model
-    from kneebatch.network.flops import forward_flops
     from kneebatch.runtime import configure_compute, usable_cpus
 
     configure_compute(usable_cpus())
@@ -86,7 +85,7 @@ def _kneebatch(ct: str, mask: str, model: str, native: bool) -> dict[str, float]
     knee = time.perf_counter() - start
     forward = sum(v for k, v in result.timings_s.items() if k.startswith("forward."))
     return {"knee_s": knee, "forward_s": forward,
-            "gflop": forward_flops(list(result.shapes.values()), config.layers) / 1e9,
+            "shapes": list(result.shapes.values()), "layers": config.layers,
             **{f"stage_{k}": v for k, v in result.timings_s.items()}}
 
 
@@ -126,6 +125,7 @@ def child(case: str, ct: str, mask: str, model: str) -> None:
     """Run one case and print its JSON, with this process's CPU times and peak RSS."""
     import resource
 
+    out: dict[str, Any]
     if case == "naive":
         out = _naive(ct, mask, model)
     elif case == "conv":
@@ -154,10 +154,18 @@ def _extract_cli(ct: Path, mask: Path, model: Path, out: Path, *extra: str) -> d
 
 
 def _in_child(case: str, *args: str) -> dict[str, float]:
+    """One case in a fresh process; its forward's FLOPs counted here (the counter's imports would
+    add to the child's peak RSS)."""
+    from kneebatch.network.flops import forward_flops
+
     done = subprocess.run([sys.executable, __file__, "--child", case, *args], capture_output=True,
                           text=True, check=True)
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT "):])
+    if "shapes" in out:
+        shapes = [tuple(shape) for shape in out.pop("shapes")]
+        out["gflop"] = forward_flops(shapes, tuple(out.pop("layers"))) / 1e9
+    return out
 
 
 def _cpu_name() -> str:

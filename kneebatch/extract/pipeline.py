@@ -137,10 +137,12 @@ def forward_subject(spec: SubjectSpec, prepared: Prepared, config: ExtractionCon
                 release_memory()
                 volume, members = regions.region(region)  # one region at a time: peak memory
                 shapes[region] = tuple(volume.shape)
+                held = [volume]  # handed over: the network frees it once it is past the stem
+                del volume
                 vectors[region], timings[f"forward.{region}"] = extract_features(
-                    model.network, volume, config.layers, options, dtype=dtype,
+                    model.network, held, config.layers, options, dtype=dtype,
                     region=members if config.pooling == "region" else None)
-            del volume, members
+            del members
             log.debug("Subject %s: %s %s in %.2f s", spec.subject_id, region, shapes[region],
                       timings[f"forward.{region}"])
     with stage("similarity"):  # also the time limit's check after the last region

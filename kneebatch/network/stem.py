@@ -28,7 +28,7 @@ def _rest(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[1]), int(value[2]))
 
 
-def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 256 * 1024**2, *,
+def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 128 * 1024**2, *,
                   memory_format: torch.memory_format = torch.contiguous_format,
                   dtype: torch.dtype | None = None, channels: int | None = None) -> torch.Tensor:
     """``pool0(relu0(norm0(conv0(x))))``, computed slab by slab along depth.

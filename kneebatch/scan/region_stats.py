@@ -79,6 +79,7 @@ def _stats_box(scan: Scan, regions: Regions, grids: list[np.ndarray]) -> tuple[s
 
 
 HISTOGRAM_SPAN = 1 << 16  # whole HU spanning more than int16's range: sort instead of counting
+SLAB_VOXELS = 4 * 1024**2  # a CT of 16-bit or narrower integers is counted this many at a time
 
 
 def _stats(values: np.ndarray, voxel_ml: float) -> RegionStats:
@@ -92,9 +93,13 @@ def _stats(values: np.ndarray, voxel_ml: float) -> RegionStats:
                            float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64)),
                            tuple(float(v) for v in np.percentile(values, PERCENTILES)))
     low = int(whole.min())
-    counts = np.bincount(whole - low)
+    return _counted(np.bincount(whole - low), low, voxel_ml)
+
+
+def _counted(counts: np.ndarray, low: int, voxel_ml: float) -> RegionStats:
+    """Statistics of the HU whose histogram is ``counts``, ``counts[0]`` counting ``low`` HU."""
     hu = np.arange(low, low + counts.size, dtype=np.float64)
-    n = int(values.size)
+    n = int(counts.sum())
     mean = float(counts @ hu / n)
     std = math.sqrt(max(float(counts @ (hu - mean) ** 2) / n, 0.0))
     # np.percentile's default (linear): between the order statistics floor(q) and floor(q) + 1.
@@ -108,26 +113,52 @@ def _stats(values: np.ndarray, voxel_ml: float) -> RegionStats:
     return RegionStats(n, round(n * voxel_ml, 3), mean, std, tuple(percentiles))
 
 
+def _members(mask: np.ndarray, body: np.ndarray | None, name: str) -> np.ndarray:
+    members = mask == LABELS.get(name, BACKGROUND)
+    if name == "background" and body is not None:
+        members &= body
+    return members
+
+
+def _native_body(regions: Regions, grids: list[np.ndarray],
+                 box: tuple[slice, ...]) -> np.ndarray | None:
+    """The body on the native voxels of ``box`` (each native voxel's nearest grid voxel's)."""
+    if regions.grid_body is None:
+        return None
+    body = regions.grid_body
+    for axis in (2, 1, 0):  # one axis at a time, smallest result first
+        body = np.take(body, grids[axis][box[axis]], axis=axis)
+    return body
+
+
 def region_stats(scan: Scan, regions: Regions) -> dict[str, RegionStats]:
     """Volume and HU statistics of tibia, femur and background (label 0 inside the body, as the
     network's background region; every label-0 voxel when no body is found, as ``--crop none
     --pooling crop``), each native voxel counted in the region of its nearest grid voxel's body.
-    Only the native box that holds every region is read (``_stats_box``)."""
+    Only the native box that holds every region is read (``_stats_box``); a CT of 16-bit or
+    narrower integers is counted slab by slab into one histogram per region (no copy of a
+    region's values: a native knee's background is most of the volume)."""
     voxel_ml = float(np.prod(scan.spacing_mm)) / 1000.0
     grids = [_grid_index(regions, scan.mask.shape, scan.spacing_mm, axis) for axis in range(3)]
     box = _stats_box(scan, regions, grids)
     mask, ct = scan.mask[box], scan.ct_hu[box]
-    body = None
-    if regions.grid_body is not None:
-        body = regions.grid_body
-        for axis in (2, 1, 0):  # one axis at a time, smallest result first
-            body = np.take(body, grids[axis][box[axis]], axis=axis)
+    if not (np.issubdtype(ct.dtype, np.integer) and ct.dtype.itemsize <= 2):
+        body = _native_body(regions, grids, box)
+        values = {name: ct[_members(mask, body, name)] for name in REGIONS}
+        # make_regions has already refused a knee without tibia or femur
+        return {name: _stats(v, voxel_ml) for name, v in values.items() if v.size}
+    low = int(np.iinfo(ct.dtype).min)
+    counts = {name: np.zeros(HISTOGRAM_SPAN, dtype=np.int64) for name in REGIONS}
+    step = max(1, SLAB_VOXELS // max(1, ct[0].size))
+    for z0 in range(0, ct.shape[0], step):
+        rows = (slice(box[0].start + z0, min(box[0].stop, box[0].start + z0 + step)), *box[1:])
+        body = _native_body(regions, grids, rows)
+        for name in REGIONS:
+            values = ct[z0:z0 + step][_members(mask[z0:z0 + step], body, name)]
+            counts[name] += np.bincount(values.astype(np.int32) - low, minlength=HISTOGRAM_SPAN)
     stats = {}
-    for name in REGIONS:
-        members = mask == LABELS.get(name, BACKGROUND)
-        if name == "background" and body is not None:
-            members &= body
-        values = ct[members]
-        if values.size:  # make_regions has already refused a knee without this region
-            stats[name] = _stats(values, voxel_ml)
+    for name, c in counts.items():
+        seen = np.flatnonzero(c)
+        if seen.size:  # from the lowest HU seen to the highest, as ``_stats`` counts
+            stats[name] = _counted(c[seen[0]:seen[-1] + 1], low + int(seen[0]), voxel_ml)
     return stats

@@ -25,7 +25,8 @@ class Regions:
     on demand, one at a time, so only one exists during a forward pass.
 
     Attributes:
-        grid_hu: the resampled volume in HU, clipped to the window, float32 (z, y, x).
+        grid_hu: the resampled volume in HU, clipped to the window, float32 (z, y, x); at native
+            spacing the CT's own integer type where it has one (int16: half the memory).
         grid_mask: its labels, uint8 (z, y, x).
         grid_body: the body (see ``body_mask``), bool (z, y, x), or None where the background is
             every label-0 voxel (``--crop none`` with ``--pooling crop``: the seed's).
@@ -73,9 +74,11 @@ class Regions:
         config = self.config
         box = tuple(slice(a, b) for a, b in self.boxes[name])  # (z, y, x)
         scale, offset = config.input_scale_offset
-        volume = self.grid_hu[box] * np.float32(scale) + np.float32(offset)
+        volume = self.grid_hu[box].astype(np.float32)  # one copy, mapped in place: a native
+        volume *= np.float32(scale)  # knee's regions are whole volumes
+        volume += np.float32(offset)
         members = self._members(name, box)
-        volume[~members] = config.air_value
+        np.copyto(volume, np.float32(config.air_value), where=~members)
         return (_pad(volume.astype(np.float32, copy=False), config.min_size, config.air_value),
                 _pad(members, config.min_size, False))
 
@@ -159,6 +162,21 @@ def _bbox(found: np.ndarray, margin: tuple[int, ...]) -> Box:
     return tuple(box)
 
 
+def _clipped(ct_hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    """A copy of the CT clipped to the window: in the CT's own integer type where that gives the
+    same values (whole-number window ends; a native-resolution knee's int16 grid takes half the
+    memory of float32), else float32."""
+    if np.issubdtype(ct_hu.dtype, np.integer) and float(low).is_integer() and \
+            float(high).is_integer():
+        info = np.iinfo(ct_hu.dtype)
+        low, high = max(low, info.min), min(high, info.max)
+        if low <= high:
+            return np.clip(ct_hu, ct_hu.dtype.type(low), ct_hu.dtype.type(high))
+    ct = ct_hu.astype(np.float32)  # a copy, clipped in place
+    np.clip(ct, low, high, out=ct)
+    return ct
+
+
 def _pad(volume: np.ndarray, min_size: int, air: float) -> np.ndarray:
     missing = [max(0, min_size - n) for n in volume.shape]
     if not any(missing):
@@ -190,8 +208,7 @@ def make_regions(scan: Scan, config: ExtractionConfig, *, in_box: bool = True) -
         mask = resample_labels(mask, spacing, config.spacing_mm)
         spacing = (config.spacing_mm,) * 3
     else:
-        ct = scan.ct_hu.astype(np.float32)  # a copy, clipped in place
-        np.clip(ct, config.hu_min, config.hu_max, out=ct)
+        ct = _clipped(scan.ct_hu, config.hu_min, config.hu_max)
     full: Box = tuple((0, n) for n in ct.shape)
     boxes: dict[str, Box] = dict.fromkeys(REGIONS, full)
     margin = tuple(math.ceil(config.margin_mm / s) for s in spacing)

@@ -254,3 +254,26 @@ def test_the_first_dense_block_grows_the_stems_output_in_place(
         assert plain.untyped_storage().nbytes() == 4 * plain.numel()
         assert net.denseblock1(plain).data_ptr() != plain.data_ptr()
     torch.testing.assert_close(grown, expected, rtol=0, atol=0)
+
+
+def test_an_input_handed_over_in_a_list_is_freed_before_the_first_block(
+        network: torch.nn.Sequential, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A native knee's region (0.2 GB) is not held while the first block's buffer exists: the
+    caller hands it over, and the vectors are those of the same array passed as it is."""
+    import weakref
+
+    monkeypatch.setattr(features_module, "SLAB_FROM_VOXELS", 0)  # the stem in slabs, as at native
+    volume = np.random.default_rng(10).random(size=(40, 36, 38)).astype(np.float32)
+    expected, _ = extract_features(network, volume, LAYERS, ForwardOptions())
+    held = [volume.copy()]
+    alive = weakref.ref(held[0])
+    seen = []
+    hook = features_module.network_in(network, CL).denseblock1.register_forward_pre_hook(
+        lambda _m, _i: seen.append(alive() is not None))
+    try:
+        got, _ = extract_features(network, held, LAYERS, ForwardOptions())
+    finally:
+        hook.remove()
+    assert held == [] and seen == [False]  # emptied, and gone when denseblock1 started
+    for layer in LAYERS:
+        np.testing.assert_array_equal(got[layer], expected[layer])

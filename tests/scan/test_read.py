@@ -55,8 +55,9 @@ def test_every_format_gives_the_same_scan(tmp_path: Path, ext: str) -> None:
 
 
 def test_int16_ct_is_kept_as_read_and_gives_the_float_cts_inputs(tmp_path: Path) -> None:
-    """CT files store int16: kept so (no float32 copy of the whole volume), with the same network
-    inputs and region statistics as the same values stored as float32."""
+    """CT files store int16: kept so (no float32 copy of the whole volume; at native spacing the
+    windowed grid stays int16 too), with the same network inputs and region statistics as the same
+    values stored as float32."""
     ct, mask = _phantom()
     sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
     scans = {}
@@ -66,8 +67,12 @@ def test_int16_ct_is_kept_as_read_and_gives_the_float_cts_inputs(tmp_path: Path)
         scans[pixel] = load_scan(_spec(path, tmp_path / "mask.nii.gz"), CONFIG)
     assert scans[sitk.sitkInt16].ct_hu.dtype == np.int16
     assert scans[sitk.sitkFloat32].ct_hu.dtype == np.float32
-    for config in (CONFIG, ExtractionConfig(spacing_mm=None, crop=CropMode.NONE)):
+    for config in (CONFIG, ExtractionConfig(spacing_mm=None, crop=CropMode.NONE),
+                   ExtractionConfig.seed(hu_max=3000.5)):
         regions = {p: make_regions(scan, config) for p, scan in scans.items()}
+        native_int = config.spacing_mm is None and config.hu_max == 2000
+        assert regions[sitk.sitkInt16].grid_hu.dtype == (np.int16 if native_int else np.float32)
+        assert regions[sitk.sitkFloat32].grid_hu.dtype == np.float32
         for name in REGIONS:
             np.testing.assert_array_equal(regions[sitk.sitkInt16].volume(name),
                                           regions[sitk.sitkFloat32].volume(name))
