@@ -2,13 +2,13 @@
 instead of being killed by the OOM killer.
 
 The constants were measured on CPU with torch 2.14 (``benchmarks/run.py`` reports the real
-peaks): a process with torch and the model holds about 0.9 GB (1 GB counted); reading costs up to 16
-bytes per native voxel (file buffer, float32 copy, reorientation); the grid the network sees about 10
-bytes per voxel (the clipped HU and labels, kept, plus one region's input); a forward pass 42 to 64
-bytes per input voxel (the stem runs in slabs; DenseNet's first block, 256 channels at a quarter of
-the resolution, dominates; the upper end when freed pages stay in the heap, ``KNEEBATCH_MALLOC``).
-Measured peaks: 1.7-1.8 GiB for a clinical knee with the defaults, 3.7-4.7 GiB at native resolution
-without cropping; these constants predict 1.8 and 4.9 GiB (the upper end, so a refusal is safe).
+peaks): a process with torch and the model holds about 0.9-1.0 GB (1 GiB counted); reading costs up
+to 16 bytes per native voxel (file buffer, float32 copy, reorientation); the grid the network sees
+about 10 bytes per voxel (the clipped HU and labels, kept, plus one region's input); a forward pass
+about 28 bytes per input voxel (the stem runs in slabs and hands its output to DenseNet's first
+block, whose 256 channels at a quarter of the resolution dominate; its bottleneck runs in slabs).
+Measured peaks: 1.5 GiB for a clinical knee with the defaults, 2.6-2.7 GiB at native resolution
+without cropping; these constants predict 1.8 and 3.0 GiB (the upper end, so a refusal is safe).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kneebatch.config import ExtractionConfig
 BASE_BYTES = 1024**3
 READ_BYTES_PER_VOXEL = 16
 REGION_BYTES_PER_VOXEL = 10
-FORWARD_BYTES_PER_VOXEL = 64
+FORWARD_BYTES_PER_VOXEL = 28
 
 
 def estimate_bytes(size_xyz: tuple[int, ...], spacing_xyz_mm: tuple[float, ...],
