@@ -5,7 +5,8 @@
 Prints a table and writes it as JSON. Every number is a ratio against something measured in the
 same run: the naive baseline (seed semantics: whole masked volumes at native resolution, float32,
 default memory format, the model rebuilt and loaded for every knee) and the best conv3d rate of this
-machine. Each measured case runs in a fresh process so its peak RSS and CPU times are its own.
+machine. Each measured case runs in a fresh process so its peak RSS and CPU times are its own;
+one also computes another knee first (a worker's steady state: one-time costs already paid).
 """
 
 from __future__ import annotations
