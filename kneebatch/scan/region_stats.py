@@ -144,9 +144,12 @@ def region_stats(scan: Scan, regions: Regions) -> dict[str, RegionStats]:
     mask, ct = scan.mask[box], scan.ct_hu[box]
     if not (np.issubdtype(ct.dtype, np.integer) and ct.dtype.itemsize <= 2):
         body = _native_body(regions, grids, box)
-        values = {name: ct[_members(mask, body, name)] for name in REGIONS}
-        # make_regions has already refused a knee without tibia or femur
-        return {name: _stats(v, voxel_ml) for name, v in values.items() if v.size}
+        stats = {}
+        for name in REGIONS:  # one region's values at a time
+            values = ct[_members(mask, body, name)]
+            if values.size:  # make_regions has already refused a knee without tibia or femur
+                stats[name] = _stats(values, voxel_ml)
+        return stats
     low = int(np.iinfo(ct.dtype).min)
     counts = {name: np.zeros(HISTOGRAM_SPAN, dtype=np.int64) for name in REGIONS}
     step = max(1, SLAB_VOXELS // max(1, ct[0].size))
