@@ -169,9 +169,9 @@ def _clipped(ct_hu: np.ndarray, low: float, high: float) -> np.ndarray:
     if np.issubdtype(ct_hu.dtype, np.integer) and float(low).is_integer() and \
             float(high).is_integer():
         info = np.iinfo(ct_hu.dtype)
-        low, high = max(low, info.min), min(high, info.max)
-        if low <= high:
-            return np.clip(ct_hu, ct_hu.dtype.type(low), ct_hu.dtype.type(high))
+        lowest, highest = max(low, info.min), min(high, info.max)  # the type's own range
+        if lowest <= highest:
+            return np.clip(ct_hu, ct_hu.dtype.type(lowest), ct_hu.dtype.type(highest))
     ct = ct_hu.astype(np.float32)  # a copy, clipped in place
     np.clip(ct, low, high, out=ct)
     return ct
