@@ -141,6 +141,15 @@ def _slabs(depth: int, row_bytes: int) -> list[tuple[int, int]]:
     return [(d, min(depth, d + step)) for d in range(0, depth, step)]
 
 
+CONV2_SLABS_FROM_BYTES = 256 * 1024**2  # a larger bottleneck is never whole: conv2 in slabs too
+_CONV2_SLAB_RUNS = 0  # dense blocks run with conv2 in depth slabs (tests: the path ran)
+
+
+def conv2_slab_runs() -> int:
+    """How many dense blocks this process has run with their 3x3x3 convolutions in slabs."""
+    return _CONV2_SLAB_RUNS
+
+
 def block_channels(block: nn.Module) -> int | None:
     """The channels of a dense block's output (its input's and every layer's new ones), or None
     for anything else."""
@@ -191,10 +200,10 @@ class LeanDenseBlock(DenseBlock):
                  or conv2.padding_mode not in ("zeros", "replicate"))
         global _CONV2_SLAB_RUNS
         _CONV2_SLAB_RUNS += not whole
-        rows = max(1, SLAB_BYTES // (row_bytes * width1) - 2 * _depth_padding(conv2))
-        bottleneck = torch.empty((n, width1, depth if whole else rows + 2 * _depth_padding(conv2),
-                                  height, width), dtype=buffer.dtype,
-                                 memory_format=fmt)  # reused by every layer
+        pad = _depth_padding(conv2)  # rows a slab of conv2 reads beyond each end
+        rows = max(1, SLAB_BYTES // (row_bytes * width1) - 2 * pad)
+        bottleneck = torch.empty((n, width1, depth if whole else rows + 2 * pad, height, width),
+                                 dtype=buffer.dtype, memory_format=fmt)  # reused by every layer
         channels = c0
         for layer in layers:
             new = buffer[:, channels:channels + growth]
@@ -205,15 +214,6 @@ class LeanDenseBlock(DenseBlock):
                 _conv2_in_slabs(layer, buffer[:, :channels], new, bottleneck, rows)
             channels += growth
         return buffer
-
-
-CONV2_SLABS_FROM_BYTES = 256 * 1024**2  # a larger bottleneck is never whole: conv2 in slabs too
-_CONV2_SLAB_RUNS = 0  # dense blocks run with conv2 in depth slabs (tests: the path ran)
-
-
-def conv2_slab_runs() -> int:
-    """How many dense blocks this process has run with their 3x3x3 convolutions in slabs."""
-    return _CONV2_SLAB_RUNS
 
 
 def _depth_padding(conv: nn.Conv3d) -> int:

@@ -81,4 +81,4 @@ def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int = 128 
                                *z.shape[3:]), dtype=dtype or z.dtype, memory_format=memory_format)
         out[:, :z.shape[1], j0:j1] = z
     assert out is not None
-    return out[:, :conv.out_channels] if out.shape[1] > conv.out_channels else out
+    return out[:, :conv.out_channels]  # all of it, unless ``channels`` asked for room

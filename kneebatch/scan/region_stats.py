@@ -9,10 +9,9 @@ import math
 
 import numpy as np
 
-from kneebatch.config import LABELS, REGIONS
-from kneebatch.inputs.labels import BACKGROUND
+from kneebatch.config import REGIONS
 from kneebatch.scan.read import Scan
-from kneebatch.scan.regions import Regions
+from kneebatch.scan.regions import Regions, members_of
 from kneebatch.schema import PERCENTILES
 
 
@@ -113,13 +112,6 @@ def _counted(counts: np.ndarray, low: int, voxel_ml: float) -> RegionStats:
     return RegionStats(n, round(n * voxel_ml, 3), mean, std, tuple(percentiles))
 
 
-def _members(mask: np.ndarray, body: np.ndarray | None, name: str) -> np.ndarray:
-    members = mask == LABELS.get(name, BACKGROUND)
-    if name == "background" and body is not None:
-        members &= body
-    return members
-
-
 def _native_body(regions: Regions, grids: list[np.ndarray],
                  box: tuple[slice, ...]) -> np.ndarray | None:
     """The body on the native voxels of ``box`` (each native voxel's nearest grid voxel's)."""
@@ -146,7 +138,7 @@ def region_stats(scan: Scan, regions: Regions) -> dict[str, RegionStats]:
         body = _native_body(regions, grids, box)
         stats = {}
         for name in REGIONS:  # one region's values at a time
-            values = ct[_members(mask, body, name)]
+            values = ct[members_of(name, mask, body)]
             if values.size:  # make_regions has already refused a knee without tibia or femur
                 stats[name] = _stats(values, voxel_ml)
         return stats
@@ -156,8 +148,9 @@ def region_stats(scan: Scan, regions: Regions) -> dict[str, RegionStats]:
     for z0 in range(0, ct.shape[0], step):
         rows = (slice(box[0].start + z0, min(box[0].stop, box[0].start + z0 + step)), *box[1:])
         body = _native_body(regions, grids, rows)
+        ct_rows, mask_rows = ct[z0:z0 + step], mask[z0:z0 + step]
         for name in REGIONS:
-            values = ct[z0:z0 + step][_members(mask[z0:z0 + step], body, name)]
+            values = ct_rows[members_of(name, mask_rows, body)]
             counts[name] += np.bincount(values.astype(np.int32) - low, minlength=HISTOGRAM_SPAN)
     stats = {}
     for name, c in counts.items():

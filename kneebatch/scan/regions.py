@@ -19,6 +19,15 @@ from kneebatch.scan.read import Scan
 from kneebatch.scan.resample import TRUNCATE, Box, resample_labels, smooth_and_resample
 
 
+def members_of(name: str, mask: np.ndarray, body: np.ndarray | None) -> np.ndarray:
+    """Where region ``name`` is in ``mask`` (labels): its label's voxels; for the background,
+    label 0 inside ``body`` (not the air around the leg) where a body is given."""
+    members = mask == LABELS.get(name, 0)
+    if name == "background" and body is not None:
+        members &= body
+    return members
+
+
 @dataclasses.dataclass(frozen=True)
 class Regions:
     """What the network sees for one subject: the grid and the crop boxes. Region volumes are cut
@@ -51,10 +60,8 @@ class Regions:
         return (z, y, x)
 
     def _members(self, name: str, box: tuple[slice, ...]) -> np.ndarray:
-        members = self.grid_mask[box] == LABELS.get(name, 0)
-        if name == "background" and self.grid_body is not None:
-            members &= self.grid_body[box]  # label 0 inside the body: not the air around the leg
-        return members
+        return members_of(name, self.grid_mask[box],
+                          None if self.grid_body is None else self.grid_body[box])
 
     def members(self, name: str) -> np.ndarray:
         """Where a region is on the whole grid: bool (z, y, x), its voxels inside its crop box
@@ -79,7 +86,7 @@ class Regions:
         volume += np.float32(offset)
         members = self._members(name, box)
         np.copyto(volume, np.float32(config.air_value), where=~members)
-        return (_pad(volume.astype(np.float32, copy=False), config.min_size, config.air_value),
+        return (_pad(volume, config.min_size, config.air_value),
                 _pad(members, config.min_size, False))
 
     def volume(self, name: str) -> np.ndarray:
