@@ -20,8 +20,6 @@ from kneebatch.network.lean import block_channels, lean_forward
 from kneebatch.network.options import FAST, ForwardOptions, amx_supported
 from kneebatch.network.stem import STEM, stem_in_slabs
 
-SLAB_FROM_VOXELS = 8 * 1024**2  # below this the stem's activations are small anyway
-
 _copies: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.memory_format, torch.dtype],
                                                     nn.Module]] = weakref.WeakKeyDictionary()
 _copies_lock = threading.Lock()
@@ -162,7 +160,7 @@ def extract_features(
         with torch.inference_mode(), lean_forward(options.lean_blocks, fmt,
                                                               options.pool_first), \
                 onednn_forward(options.onednn):
-            if options.stem_slabs and x.numel() >= SLAB_FROM_VOXELS:
+            if options.stem_slabs:
                 # with room for the first block to grow in place (its lean forward)
                 room = block_channels(modules[len(STEM)][1]) if (
                     options.lean_blocks and len(modules) > len(STEM)) else None

@@ -7,7 +7,9 @@ grows to 256 channels at a quarter of the input's size (2.9 GB extra for a 512 x
 layer's pointwise part (norm1, relu1, the 1x1x1 conv1 with norm2 folded into it, relu2) in depth
 slabs; the 3x3x3 conv2 sees the whole bottleneck unless it is large (a native-resolution knee's
 first block: 0.45 GB), where it runs in depth slabs too, each reading one row of bottleneck beyond
-its ends (carried over from the slab before). A block whose input came with room for its channels
+its ends (carried over from the slab before). conv2's input is written inside a halo that takes
+its padding (replicate: the edge rows copied there), so no padded copy of the bottleneck is made
+(3% of a knee's forward). A block whose input came with room for its channels
 (the stem's output, ``stem_in_slabs(channels=...)``) grows it in place. Same modules, same state
 dict, same forward hooks, same numbers (to float32 rounding). Each layer's norm1 + relu1 is one
 multiply-add and a ReLU with the BatchNorm's scale and shift, computed once at load.
@@ -21,7 +23,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -176,7 +177,9 @@ class LeanDenseBlock(DenseBlock):
     """A ``DenseBlock`` (same children and weights) with a memory-lean forward in eval mode."""
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
-        if self.training or not _LEAN.get():
+        conv2 = next(layer for layer in self.values() if isinstance(layer, DenseLayer)).conv2
+        if (self.training or not _LEAN.get()
+                or conv2.padding_mode not in ("zeros", "replicate")):
             return super().forward(init_features)
         return self.lean(init_features)
 
@@ -196,30 +199,31 @@ class LeanDenseBlock(DenseBlock):
         row_bytes = init_features.element_size() * n * height * width
         width1 = layers[0].conv1.out_channels
         conv2 = layers[0].conv2
-        whole = (row_bytes * width1 * depth <= CONV2_SLABS_FROM_BYTES
-                 or conv2.padding_mode not in ("zeros", "replicate"))
+        whole = row_bytes * width1 * depth <= CONV2_SLABS_FROM_BYTES
         global _CONV2_SLAB_RUNS
         _CONV2_SLAB_RUNS += not whole
-        pad = _depth_padding(conv2)  # rows a slab of conv2 reads beyond each end
-        rows = max(1, SLAB_BYTES // (row_bytes * width1) - 2 * pad)
-        bottleneck = torch.empty((n, width1, depth if whole else rows + 2 * pad, height, width),
-                                 dtype=buffer.dtype, memory_format=fmt)  # reused by every layer
+        pd, ph, pw = _halo(conv2)  # rows conv2 reads beyond each end
+        rows = depth if whole else max(1, SLAB_BYTES // (row_bytes * width1) - 2 * pd)
+        # reused by every layer; with room for conv2's padding
+        scratch = torch.empty((n, width1, rows + 2 * pd, height + 2 * ph, width + 2 * pw),
+                              dtype=buffer.dtype, memory_format=fmt)
         channels = c0
         for layer in layers:
-            new = buffer[:, channels:channels + growth]
-            if whole:
-                _bottleneck(layer, buffer[:, :channels], 0, depth, bottleneck)
-                new.copy_(layer.conv2(bottleneck))
-            else:
-                _conv2_in_slabs(layer, buffer[:, :channels], new, bottleneck, rows)
+            _conv2_in_slabs(layer, buffer[:, :channels], buffer[:, channels:channels + growth],
+                            scratch, rows)
             channels += growth
         return buffer
 
 
-def _depth_padding(conv: nn.Conv3d) -> int:
+def _halo(conv: nn.Conv3d) -> tuple[int, int, int]:
+    """The padding a lean block writes around conv2's input itself, per axis (depth, height,
+    width): all of it with ``replicate`` (edge rows copied into the scratch buffer: no padded copy
+    of the whole bottleneck), else the depth rows only (a slab's neighbours; zeros beyond the
+    volume), oneDNN padding height and width."""
     padding = conv.padding
     assert isinstance(padding, tuple)  # never 'same'/'valid' in DenseNet
-    return int(padding[0])
+    pd, ph, pw = (int(p) for p in padding)
+    return (pd, ph, pw) if conv.padding_mode == "replicate" else (pd, 0, 0)
 
 
 def _bottleneck(layer: nn.Module, features: torch.Tensor, d0: int, d1: int,
@@ -243,37 +247,51 @@ def _bottleneck(layer: nn.Module, features: torch.Tensor, d0: int, d1: int,
 def _conv2_in_slabs(layer: nn.Module, features: torch.Tensor, new: torch.Tensor,
                     scratch: torch.Tensor, rows: int) -> None:
     """A dense layer's new channels (``new``, written in place) from ``features``, ``rows`` output
-    rows at a time, so its whole bottleneck never exists at once: each slab's bottleneck rows,
-    with the rows its 3x3x3 convolution reads beyond the slab (carried over from the slab before,
-    not recomputed), go into ``scratch``; the volume's own padding is added at its first and last
-    rows, as conv2 pads."""
+    rows at a time (all of them at once when ``rows`` is the depth), so its whole bottleneck need
+    not exist at once: each slab's bottleneck rows go inside ``scratch``'s halo (``_halo``), with
+    the rows its 3x3x3 convolution reads beyond the slab (carried over from the slab before, not
+    recomputed); the volume's own padding is written around them, as conv2 pads."""
     conv = layer.get_submodule("conv2")
-    assert isinstance(conv, nn.Conv3d)
-    pad = _depth_padding(conv)
-    depth = features.shape[2]
-    assert isinstance(conv.padding, tuple)
-    ph, pw = int(conv.padding[1]), int(conv.padding[2])
-    carried = scratch[:, :, :0]  # bottleneck rows computed for the slab before, this one reads
+    assert isinstance(conv, nn.Conv3d) and isinstance(conv.padding, tuple)
+    pd, ph, pw = _halo(conv)
+    padding = tuple(int(p) - h for p, h in zip(conv.padding, (pd, ph, pw), strict=True))
+    replicate = conv.padding_mode == "replicate"
+    depth, height, width = features.shape[2:]
+    plane = scratch[:, :, :, ph:ph + height, pw:pw + width]  # without height and width halo
+    carried = plane[:, :, :0]  # bottleneck rows computed for the slab before, this one reads
     for o0 in range(0, depth, rows):
         o1 = min(depth, o0 + rows)
-        i0, i1 = max(0, o0 - pad), min(depth, o1 + pad)  # bottleneck rows this slab reads
-        front, back = pad - (o0 - i0), pad - (i1 - o1)  # rows beyond the volume
+        i0, i1 = max(0, o0 - pd), min(depth, o1 + pd)  # bottleneck rows this slab reads
+        front, back = pd - (o0 - i0), pd - (i1 - o1)  # rows beyond the volume
         piece = scratch[:, :, :front + (i1 - i0) + back]
-        body = piece[:, :, front:front + i1 - i0]
+        body = plane[:, :, front:front + i1 - i0]
         body[:, :, :carried.shape[2]] = carried
         _bottleneck(layer, features, i0 + carried.shape[2], i1, body[:, :, carried.shape[2]:])
-        carried = body[:, :, max(0, o1 - pad) - i0:].clone()
-        if conv.padding_mode == "zeros":
+        if o1 < depth:
+            carried = body[:, :, max(0, o1 - pd) - i0:].clone()
+        if replicate:  # the edge rows again, along width, height, then depth
+            for axis, halo in ((4, pw), (3, ph)):
+                inner = piece[:, :, front:front + i1 - i0]
+                _replicate_ends(inner, axis, halo)
+            _replicate_ends(piece, 2, front, back)
+        else:
             piece[:, :, :front] = 0
             piece[:, :, front + i1 - i0:] = 0
-            padding = (0, ph, pw)
-        else:  # replicate: the edge rows again, then height and width padded as conv2 pads
-            piece[:, :, :front] = body[:, :, :1]
-            piece[:, :, front + i1 - i0:] = body[:, :, -1:]
-            piece = F.pad(piece, (pw, pw, ph, ph, 0, 0), mode="replicate")
-            padding = (0, 0, 0)
-        new[:, :, o0:o1] = conv3d(piece, conv.weight, conv.bias, conv.stride,
-                                  padding, conv.dilation, conv.groups)
+        new[:, :, o0:o1] = conv3d(piece, conv.weight, conv.bias, conv.stride, padding,
+                                  conv.dilation, conv.groups)
+
+
+def _replicate_ends(x: torch.Tensor, axis: int, front: int, back: int | None = None) -> None:
+    """Fill the first ``front`` and last ``back`` (default: ``front``) entries of ``x`` along
+    ``axis`` with the entries next to them (replicate padding, in place)."""
+    back = front if back is None else back
+    size = x.shape[axis]
+    if front:
+        x.narrow(axis, 0, front).copy_(x.narrow(axis, front, 1).expand_as(
+            x.narrow(axis, 0, front)))
+    if back:
+        x.narrow(axis, size - back, back).copy_(x.narrow(axis, size - back - 1, 1).expand_as(
+            x.narrow(axis, size - back, back)))
 
 
 class LeanTransition(Transition):

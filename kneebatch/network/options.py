@@ -26,7 +26,8 @@ class ForwardOptions:
     Attributes:
         channels_last: weights and activations in ``channels_last_3d`` (oneDNN's fast layout; a
             1x1x1 convolution of 256 -> 128 channels runs about 3x faster here).
-        stem_slabs: DenseNet's stem in depth slabs for large inputs (``stem.py``).
+        stem_slabs: DenseNet's stem as one fused pass (norm0 folded into conv0, relu0 fused,
+            the pool on oneDNN's layout), in depth slabs for large inputs (``stem.py``).
         lean_blocks: dense blocks and transitions with the memory-lean forward (``lean.py``).
         onednn: every float32 convolution through oneDNN (``kernels.py``).
         pool_first: lean transitions average-pool before their 1x1x1 convolution (``lean.py``).

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kneebatch.network import features as features_module
-from kneebatch.network import lean
+from kneebatch.network import kernels, lean
+from kneebatch.network import stem as stem_module
 from kneebatch.network.densenet3d import DenseLayer
 from kneebatch.network.features import extract_features
 from kneebatch.network.model import grey_input, set_conv_padding
@@ -59,16 +60,24 @@ def lean_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 @pytest.mark.parametrize("depth", [9, 16, 37], ids=["d9", "d16", "d37"])
 @pytest.mark.parametrize("budget", [1, 200_000, 10**9], ids=["1-row", "few-rows", "one-slab"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-pool", "onednn-blocked"])
 def test_stem_in_slabs_equals_the_stem(network: torch.nn.Sequential, depth: int, budget: int,
-                                       channels_last: bool) -> None:
+                                       channels_last: bool, onednn: bool) -> None:
     x = torch.rand(1, 1, depth, 30, 34, generator=torch.Generator().manual_seed(depth))
     fmt = CL if channels_last else torch.contiguous_format
     with torch.inference_mode():
         expected = x
         for name in STEM:
             expected = network.get_submodule(name)(expected)
-        got = stem_in_slabs(network, x, budget_bytes=budget, memory_format=fmt)
+        before = kernels.blocked_stem_calls()
+        with kernels.onednn_forward(onednn):
+            got = stem_in_slabs(network, x, budget_bytes=budget, memory_format=fmt)
     assert got.shape == expected.shape
+    # oneDNN's blocked layout from conv0 to the pool, once per slab, where oneDNN is on
+    slabs = {1: expected.shape[2], 10**9: 1}.get(budget)
+    calls = kernels.blocked_stem_calls() - before
+    assert calls == (0 if not onednn else slabs or calls)
+    assert not onednn or 1 <= calls <= expected.shape[2]
     assert _channels_last(got) == channels_last  # 64 channels: the layout asked for
     scale = max(1.0, expected.abs().max().item())
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * scale)
@@ -85,14 +94,16 @@ def _activations(network: torch.nn.Module, names: tuple[str, ...]) -> tuple[dict
 def test_the_fast_path_runs_and_gives_the_plain_numbers(
         network: torch.nn.Sequential, monkeypatch: pytest.MonkeyPatch,
         lean_calls: dict[str, int], slab_bytes: int) -> None:
-    monkeypatch.setattr(features_module, "SLAB_FROM_VOXELS", 0)  # slab even this small volume
+    monkeypatch.setattr(stem_module, "SLAB_BYTES", 200_000)  # slab even this small volume
     monkeypatch.setattr(lean, "SLAB_BYTES", slab_bytes)
     volume = np.random.default_rng(2).random(size=(45, 52, 48)).astype(np.float32)
     fast_net = features_module.network_in(network, CL)
     seen, handles = _activations(fast_net, ("denseblock1", "transition1", "denseblock3"))
+    blocked = kernels.blocked_stem_calls()
     fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
     for h in handles:
         h.remove()
+    assert kernels.blocked_stem_calls() > blocked  # the stem in oneDNN's layout
     assert seen == {"denseblock1": True, "transition1": True, "denseblock3": True}
     assert lean_calls == {"block": 4, "transition": 3}  # denseblock1-4, transition1-3
     plain_net = features_module.network_in(network, torch.contiguous_format)
@@ -217,9 +228,15 @@ def test_dense_layers_in_depth_slabs_give_the_whole_tensors_numbers(
     net = copy.deepcopy(network).to(memory_format=fmt)
     x = torch.rand(1, 1, 61, 40, 36, generator=torch.Generator().manual_seed(8))
     monkeypatch.setattr(lean, "SLAB_BYTES", slab_bytes)
+    pads: list[str] = []  # padded copies made by torch (the lean blocks write conv2's halo)
+    original_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: (
+        pads.append(k.get("mode", "constant")), original_pad(*a, **k))[1])
     with torch.inference_mode():
         with lean.lean_forward(False):
             plain = net(x)
+        assert pads.count("replicate") == (58 if padding == "replicate" else 0)
+        pads.clear()
         before = lean.conv2_slab_runs()
         with lean.lean_forward(True, fmt):
             whole = net(x)
@@ -228,6 +245,7 @@ def test_dense_layers_in_depth_slabs_give_the_whole_tensors_numbers(
         with lean.lean_forward(True, fmt):
             slabbed = net(x)
     assert lean.conv2_slab_runs() - before == 4  # every block, in slabs
+    assert "replicate" not in pads  # conv2's padding written in place, both ways
     scale = max(1.0, plain.abs().max().item())
     torch.testing.assert_close(slabbed, plain, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(slabbed, whole, rtol=0, atol=1e-5 * scale)
@@ -262,7 +280,7 @@ def test_an_input_handed_over_in_a_list_is_freed_before_the_first_block(
     caller hands it over, and the vectors are those of the same array passed as it is."""
     import weakref
 
-    monkeypatch.setattr(features_module, "SLAB_FROM_VOXELS", 0)  # the stem in slabs, as at native
+    monkeypatch.setattr(stem_module, "SLAB_BYTES", 200_000)  # the stem in slabs, as at native
     volume = np.random.default_rng(10).random(size=(40, 36, 38)).astype(np.float32)
     expected, _ = extract_features(network, volume, LAYERS, ForwardOptions())
     held = [volume.copy()]
