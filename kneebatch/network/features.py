@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kneebatch.network.kernels import onednn_forward
-from kneebatch.network.lean import block_channels, lean_forward
+from kneebatch.network.lean import BOTTLENECK_BUFFERS, block_channels, lean_forward
 from kneebatch.network.options import FAST, ForwardOptions, amx_supported
 from kneebatch.network.stem import STEM, stem_in_slabs
 
@@ -47,14 +47,14 @@ def _bfloat16(network: nn.Module) -> None:
     there in float32 (issue 23, Sapphire Rapids; on AVX512-BF16 without AMX bfloat16 is 1.5x
     faster); the BatchNorms torch runs keep float32 parameters (torch's CPU batch norm takes
     bfloat16 input with them, 3x faster than bfloat16 ones on AMX), while what the fast path
-    folds (into convolutions, or into norm1's scale and shift) is bfloat16 as the activations it
-    meets; average pooling in float32 (``Float32Pool``)."""
+    folds (into convolutions and dense layers' clamps) is bfloat16 as the activations it meets;
+    average pooling in float32 (``Float32Pool``)."""
     conv0_too = not amx_supported()
     for name, module in network.named_modules():
         if isinstance(module, nn.Conv3d) and (name != "conv0" or conv0_too):
             module.to(torch.bfloat16)
-        elif isinstance(module, nn.BatchNorm3d) and (name != "norm0" or conv0_too):
-            for buffer in ("folded_weight", "folded_bias", "affine_scale", "affine_shift"):
+        elif name != "norm0" or conv0_too:  # folded at load: norm0's, each dense layer's
+            for buffer in ("folded_weight", "folded_bias", *BOTTLENECK_BUFFERS):
                 if isinstance(getattr(module, buffer, None), torch.Tensor):
                     setattr(module, buffer, getattr(module, buffer).to(torch.bfloat16))
     _float32_pools(network)

@@ -34,6 +34,8 @@ def network() -> torch.nn.Sequential:
             with torch.no_grad():
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(-0.5, 1.5)  # some scales negative, as trained ones can be
+                m.bias.uniform_(-0.2, 0.2)
     return lean.make_lean(net.eval())
 
 
@@ -115,6 +117,26 @@ def test_the_fast_path_runs_and_gives_the_plain_numbers(
     assert lean_calls == {"block": 4, "transition": 3}  # the plain path ran no lean code
     for layer in LAYERS:
         np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
+
+
+def test_a_dense_layers_norm1_and_relu1_are_one_clamp_before_its_folded_conv1(
+        network: torch.nn.Sequential) -> None:
+    """relu(norm1(x)) into conv1 and norm2 is clamp(x, low, high) into one convolution, whatever
+    the sign of norm1's scale: positive, negative, zero, or too small for any input to cross the
+    ReLU's cut."""
+    layer = network.denseblock1.denselayer2
+    channels = layer.norm1.num_features
+    with torch.no_grad():
+        gamma = torch.tensor([1.0, -1.0, 0.0, 1e-38, -1e-38, 0.3, -2.0, 5.0])
+        layer.norm1.weight.copy_(gamma.repeat(channels // 8))
+        layer.norm1.bias.copy_(torch.linspace(-1, 1, channels))
+    lean.keep_bottleneck_fold(layer)
+    x = torch.randn(1, channels, 5, 6, 7, generator=torch.Generator().manual_seed(3)) * 3
+    with torch.inference_mode():
+        expected = layer.relu2(layer.norm2(layer.conv1(layer.relu1(layer.norm1(x)))))
+        weight, bias, low, high = lean.bottleneck_fold(layer)
+        got = torch.nn.functional.conv3d(torch.clamp(x, low, high), weight, bias).relu_()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
 
 
 def test_batchnorm_is_folded_once_at_load_not_in_every_forward(network: torch.nn.Sequential) -> None:
