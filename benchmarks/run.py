@@ -269,13 +269,19 @@ def main() -> None:
         sitk.WriteImage(other_mask_img, str(other_mask))
         model = folder / "model.pth"
         save_model(*build_model(weights="random", seed=0), model)
-        results: dict[str, dict[str, float]] = {"conv3d_peak": _in_child("conv", "", "", "")}
-        for case in ("naive", "defaults", "seed_semantics"):
+        # The yardstick of each in-process case is measured just before and after it: this
+        # host's speed drifts by up to 40% within minutes (other tenants), and a forward's
+        # fraction of the machine's best means something only against the same minutes.
+        peaks = [_in_child("conv", "", "", "")["best_gflops"]]
+        results: dict[str, dict[str, float]] = {}
+        for case, extra in (("naive", ()), ("defaults", ()), ("seed_semantics", ()),
+                            ("defaults_warm", (str(other), str(other_mask)))):
             print(f"measuring {case} ...", file=sys.stderr)
-            results[case] = _in_child(case, str(ct), str(mask), str(model))
-        print("measuring defaults after another knee ...", file=sys.stderr)
-        results["defaults_warm"] = _in_child("defaults", str(ct), str(mask), str(model),
-                                             str(other), str(other_mask))
+            results[case] = _in_child(case.removesuffix("_warm"), str(ct), str(mask), str(model),
+                                      *extra)
+            peaks.append(_in_child("conv", "", "", "")["best_gflops"])
+            results[case]["conv3d_peak_gflops"] = max(peaks[-2:])
+        results["conv3d_peak"] = {"best_gflops": max(peaks), "all_gflops": peaks}  # type: ignore[dict-item]
         print("measuring kneebatch extract ...", file=sys.stderr)
         results["extract_cli_defaults"] = _extract_cli(ct, mask, model, folder / "e1")
         results["extract_cli_seed_semantics"] = _extract_cli(
@@ -295,7 +301,6 @@ def main() -> None:
         results["runs"] = runs  # type: ignore[assignment]
         results["steady"] = steady
 
-    peak = results["conv3d_peak"]["best_gflops"]
     naive_kph = 3600 / results["naive"]["knee_s"]
     rows = []
     labels = {"defaults_warm": "defaults, after another knee (a worker's steady state; CPU and "
@@ -305,12 +310,13 @@ def main() -> None:
         r["knees_per_hour"] = 3600 / r["knee_s"]
         r["speedup_vs_naive"] = r["knees_per_hour"] / naive_kph
         r["forward_gflops"] = r["gflop"] / r["forward_s"]
-        r["forward_fraction_of_peak"] = r["forward_gflops"] / peak
+        r["forward_fraction_of_peak"] = r["forward_gflops"] / r["conv3d_peak_gflops"]
         r["sys_over_user"] = r["sys_s"] / r["user_s"]
         rows.append(f"| {labels.get(case, case)} | {r['knee_s']:.1f} | {r['knees_per_hour']:.0f} | "
                     f"{r['speedup_vs_naive']:.1f}x | {r['user_s']:.1f} / {r['sys_s']:.1f} | "
                     f"{r['peak_rss_gib']:.2f} | {r['gflop']:.0f} | {r['forward_gflops']:.1f} "
-                    f"({100 * r['forward_fraction_of_peak']:.0f}%) |")
+                    f"({100 * r['forward_fraction_of_peak']:.0f}% of "
+                    f"{r['conv3d_peak_gflops']:.0f}) |")
     cli = [f"| `kneebatch extract` {name} (fresh process: imports, model load, one knee) | "
            f"{r['wall_s']:.1f} s | {3600 / r['wall_s']:.0f} knees/h "
            f"({3600 / r['wall_s'] / naive_kph:.1f}x naive) | "
@@ -335,11 +341,11 @@ def main() -> None:
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "description": machine}  # type: ignore[dict-item]
     table = "\n".join([
-        f"Machine: {machine}; best conv3d rate {peak:.1f} GFLOP/s; clinical knee 512x512x216 at "
-        "0.35x0.35x0.8 mm",
+        f"Machine: {machine}; best conv3d rate {min(peaks):.1f}-{max(peaks):.1f} GFLOP/s over "
+        "the run; clinical knee 512x512x216 at 0.35x0.35x0.8 mm",
         "",
         "| case | s/knee | knees/h | vs naive | CPU user / sys s | peak RSS GiB | GFLOP | "
-        "forward GFLOP/s (of best conv3d) |",
+        "forward GFLOP/s (of the best conv3d rate just before and after it) |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",

@@ -106,7 +106,7 @@ def fold_once(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> None:
 
 
 def folds_computed() -> int:
-    """How many conv + BatchNorm pairs (and lone BatchNorms, ``batchnorm_affine``) this process
+    """How many conv + BatchNorm pairs (and dense layers, ``bottleneck_fold``) this process
     has folded."""
     return _FOLDS
 
@@ -132,10 +132,7 @@ def _bottleneck_fold(layer: nn.Module) -> dict[str, torch.Tensor]:
     high = torch.where(flat | (scale > 0), torch.inf, cut).masked_fill(flat, 0.0)
     shift = torch.where(flat, shift.clamp_min(0), shift)
     scale = torch.where(flat, 0.0, scale)
-    folded = weight.double() * scale[None, :, None, None, None]
-    return {"lean_weight": folded.to(weight.dtype).contiguous(
-                memory_format=torch.channels_last_3d if weight.is_contiguous(
-                    memory_format=torch.channels_last_3d) else torch.contiguous_format),
+    return {"lean_weight": (weight.double() * scale[None, :, None, None, None]).to(weight.dtype),
             "lean_bias": (bias.double() + weight.double().flatten(1) @ shift).to(bias.dtype),
             "clamp_low": low.to(weight.dtype).reshape(1, -1, 1, 1, 1),
             "clamp_high": high.to(weight.dtype).reshape(1, -1, 1, 1, 1)}
@@ -292,9 +289,8 @@ def _conv2_in_slabs(layer: nn.Module, features: torch.Tensor, new: torch.Tensor,
         if o1 < depth:
             carried = body[:, :, max(0, o1 - pd) - i0:].clone()
         if replicate:  # the edge rows again, along width, height, then depth
-            for axis, halo in ((4, pw), (3, ph)):
-                inner = piece[:, :, front:front + i1 - i0]
-                _replicate_ends(inner, axis, halo)
+            _replicate_ends(piece[:, :, front:front + i1 - i0], 4, pw)
+            _replicate_ends(piece[:, :, front:front + i1 - i0], 3, ph)
             _replicate_ends(piece, 2, front, back)
         else:
             piece[:, :, :front] = 0
