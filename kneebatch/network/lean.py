@@ -128,10 +128,10 @@ def _bottleneck_fold(layer: nn.Module) -> dict[str, torch.Tensor]:
     # lies beyond any input (scale 0, or nearly) is the constant relu(shift)
     flat = scale.abs() * 1e30 <= shift.abs()
     cut = torch.where(flat, 0.0, -shift / torch.where(flat, 1.0, scale))
-    low = torch.where(flat | (scale < 0), -torch.inf, cut).masked_fill(flat, 0.0)
-    high = torch.where(flat | (scale > 0), torch.inf, cut).masked_fill(flat, 0.0)
     shift = torch.where(flat, shift.clamp_min(0), shift)
     scale = torch.where(flat, 0.0, scale)
+    low = torch.where(scale < 0, -torch.inf, cut)  # a flat channel: clamped to 0 both ways
+    high = torch.where(scale > 0, torch.inf, cut)
     return {"lean_weight": (weight.double() * scale[None, :, None, None, None]).to(weight.dtype),
             "lean_bias": (bias.double() + weight.double().flatten(1) @ shift).to(bias.dtype),
             "clamp_low": low.to(weight.dtype).reshape(1, -1, 1, 1, 1),

@@ -71,8 +71,8 @@ def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int | None
         (x.shape[3] + 1) // 2) * ((x.shape[4] + 1) // 2)  # a slab's conv output, twice at most
     budget = SLAB_BYTES if budget_bytes is None else budget_bytes
     slab = max(1, (budget // max(1, row_bytes) - kp) // sp)
-    pool_args = (_triple(pool.kernel_size), _triple(pool.stride), _triple(pool.padding),
-                 _triple(pool.dilation))
+    kernel, stride, (_, ph, pw), dilation = (_triple(value) for value in (
+        pool.kernel_size, pool.stride, pool.padding, pool.dilation))
     out: torch.Tensor | None = None
     for j0 in range(0, out_depth, slab):
         j1 = min(out_depth, j0 + slab)
@@ -89,8 +89,8 @@ def stem_in_slabs(features: nn.Module, x: torch.Tensor, budget_bytes: int | None
             piece = F.pad(piece, (0, 0, 0, 0, max(0, -i0), max(0, i1 - depth)))
         z = conv_relu_maxpool(  # relu0 fused
             piece, weight, bias, conv.stride, (0, *_rest(conv.padding)), conv.dilation,  # type: ignore[arg-type]
-            (pool_args[0], pool_args[1], (q, *pool_args[2][1:]), pool_args[3]),
-            memory_format=memory_format)[:, :, skip:skip + j1 - j0]
+            (kernel, stride, (q, ph, pw), dilation), memory_format=memory_format,
+        )[:, :, skip:skip + j1 - j0]
         if out is None:
             if j1 == out_depth and not channels:  # one slab, no room asked for
                 return z.to(dtype or z.dtype).contiguous(memory_format=memory_format)
