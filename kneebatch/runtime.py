@@ -33,7 +33,8 @@ def tune_malloc(mode: str | None = None) -> bool:
     maps and unmaps each of them, and every page faults in anew (the seed spent nearly half its
     time in the kernel). Modes (``KNEEBATCH_MALLOC`` or ``mode``):
     ``heap`` (default): every block from the heap (no mmap), freed pages kept: kernel time under
-    6% of user time on a native-resolution knee (``release_memory`` trims between regions);
+    6% of user time on a native-resolution knee (``release_memory`` trims before a large
+    region);
     ``pad``: a 512 MB top pad and glibc's largest mmap threshold (32 MB): about 5% less peak RSS,
     20% more wall time;
     ``off``: glibc's defaults.
@@ -57,14 +58,25 @@ def tune_malloc(mode: str | None = None) -> bool:
         return False
 
 
+_RELEASES = 0  # release_memory calls in this process (tests: when the trim runs)
+
+
 def release_memory() -> None:
-    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``): called between the
-    big stages so memory kept for speed inside a forward pass does not stack up across stages."""
+    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``): called before a
+    large region's forward pass, so the pages the previous region's forward kept do not stack up
+    on the next one's peak."""
     import ctypes
     import ctypes.util
 
+    global _RELEASES
+    _RELEASES += 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def memory_releases() -> int:
+    """How many times this process has called ``release_memory``."""
+    return _RELEASES
 
 
 _frozen = False

@@ -30,6 +30,11 @@ from kneebatch.schema import SimilarityRow
 
 log = logging.getLogger(__name__)
 
+# A region at least this large (native resolution; 1 mm regions have under 6M voxels) has the
+# pages the previous region's forward kept returned to the kernel first (0.1 GiB less at seed
+# semantics' peak); a smaller one's forward reuses them: 16% faster than faulting them in anew.
+RELEASE_FROM_VOXELS = 8_000_000
+
 
 class Stage:
     """The stage a subject is in, kept after an error so its failure report can name it, and its
@@ -134,8 +139,9 @@ def forward_subject(spec: SubjectSpec, prepared: Prepared, config: ExtractionCon
     with model.forward_lock:
         for region in REGIONS:
             with stage(f"forward.{region}"):
-                release_memory()
                 volume, members = regions.region(region)  # one region at a time: peak memory
+                if volume.size >= RELEASE_FROM_VOXELS:
+                    release_memory()
                 shapes[region] = tuple(volume.shape)
                 held = [volume]  # handed over: the network frees it once it is past the stem
                 del volume
