@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kneebatch.network import kernels
 from kneebatch.network.features import extract_features, pool
 from kneebatch.network.model import load_model
 
@@ -119,11 +120,15 @@ def test_bf16_runs_in_bfloat16_and_stays_within_1e3_of_float32(
     copy = network_in(network, torch.channels_last_3d, torch.bfloat16)
     handle = copy.denseblock3.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     volume = np.random.default_rng(0).normal(size=(40, 48, 48)).astype(np.float32)
+    blocked = kernels.blocked_stem_calls()
     try:
         vectors, _ = extract_features(network, volume, ("denseblock3",), dtype=torch.bfloat16)
     finally:
         handle.remove()
     assert seen == [torch.bfloat16] and vectors["denseblock3"].dtype == np.float32
+    # conv0 to the pool in oneDNN's blocked layout where oneDNN runs bfloat16 natively
+    native = torch.bfloat16 in kernels.DTYPES and copy.conv0.weight.dtype == torch.bfloat16
+    assert (kernels.blocked_stem_calls() > blocked) == native
     # conv0 (one input channel) stays float32 on AMX, where that is faster (bfloat16 elsewhere);
     # the BatchNorms torch runs keep float32 parameters
     assert copy.conv0.weight.dtype == (torch.float32 if amx_supported() else torch.bfloat16)
