@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from kneebatch import __version__
 from kneebatch.cli import knee, prepare, results, run, validate
 from kneebatch.cli.options import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE, REPORT
 from kneebatch.errors import KneebatchError
+from kneebatch.runtime import OMP_WAIT_POLICY
 
 log = logging.getLogger("kneebatch")
 
@@ -78,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configuration error; 3 an internal error (a bug: please report); 75 stopped by a signal
         (resumable).
     """
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before torch is imported
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is not None:

@@ -26,7 +26,7 @@ from distributed import Client, LocalCluster
 from kneebatch.cohort.credentials import TlsFiles, write_credentials
 from kneebatch.errors import ConfigError
 from kneebatch.extract.memory import BASE_BYTES, gib
-from kneebatch.runtime import usable_cpus
+from kneebatch.runtime import OMP_WAIT_POLICY, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def slurm_cluster(opts: SlurmOptions, threads: int, tls: TlsFiles | None = None)
                            "--lifetime", walltime_lifetime, "--lifetime-stagger", "2m"],
         job_script_prologue=[*(_site("job-script-prologue") or []), *opts.prologue,
                              f"export OMP_NUM_THREADS={threads}",
+                             f"export OMP_WAIT_POLICY=${{OMP_WAIT_POLICY:-{OMP_WAIT_POLICY}}}",
                              "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False",
                              f"{shlex.quote(sys.executable)} -m kneebatch info"],
         log_directory=opts.log_dir,
@@ -363,6 +364,7 @@ def local_cluster(workers: int, threads: int, memory_bytes: int, *, dashboard: b
     from distributed.security import Security
 
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY),
            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "error")}
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the worker processes
     try:
