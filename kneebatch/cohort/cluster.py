@@ -138,7 +138,7 @@ def slurm_cluster(opts: SlurmOptions, threads: int, tls: TlsFiles | None = None)
                            "--lifetime", walltime_lifetime, "--lifetime-stagger", "2m"],
         job_script_prologue=[*(_site("job-script-prologue") or []), *opts.prologue,
                              f"export OMP_NUM_THREADS={threads}",
-                             f"export OMP_WAIT_POLICY=${{OMP_WAIT_POLICY:-{OMP_WAIT_POLICY}}}",
+                             f"export OMP_WAIT_POLICY=${{OMP_WAIT_POLICY-{OMP_WAIT_POLICY}}}",
                              "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False",
                              f"{shlex.quote(sys.executable)} -m kneebatch info"],
         log_directory=opts.log_dir,

@@ -33,4 +33,4 @@ def test_the_sites_jobqueue_settings_apply_where_no_option_is_given(
 def test_without_site_settings_our_defaults_apply(capsys: pytest.CaptureFixture[str]) -> None:
     script = _script(capsys)
     assert "--cpus-per-task=8" in script and "--mem=30G" in script and "-t 04:00:00" in script
-    assert "export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}" in script
+    assert "export OMP_WAIT_POLICY=${OMP_WAIT_POLICY-PASSIVE}" in script
