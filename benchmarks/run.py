@@ -244,7 +244,7 @@ RUNS = {  # name: (flags, compete, env): layouts and switches of the whole `knee
     "--workers 1 --threads-per-worker 1": (("--workers", "1", "--threads-per-worker", "1"),
                                            False, {}),
     # kneebatch sets OMP_WAIT_POLICY=PASSIVE unless the user set it; set empty it is libgomp's
-    # own default (spin a while, then sleep), which kneebatch used before the sixth session
+    # own default (spin a while, then sleep), kneebatch's default until the ninth session
     "OMP_WAIT_POLICY libgomp's default (spinning)": ((), False, {"OMP_WAIT_POLICY": ""}),
     "defaults, another process busy on one core": ((), True, {}),
     "same, OMP_WAIT_POLICY libgomp's default (spinning)": ((), True, {"OMP_WAIT_POLICY": ""}),
