@@ -11,10 +11,8 @@ from collections.abc import Iterator
 log = logging.getLogger(__name__)
 
 # OpenMP threads that wait sleep instead of spinning (set before torch is imported; a user's own
-# value wins, an empty one is OpenMP's default): the spinning threads took the core the worker
-# reads its next knee on. 8 clinical knees on 2 cores, alternating: beside another busy process
-# 2-20% faster in 4 pairs of 4, on a quiet node a median 3.5% faster (4 pairs of 5); an earlier
-# version, whose forward was slower than its reading, lost on a quiet node (benchmarks/README.md).
+# value wins, an empty one is OpenMP's default): spinning threads took the core the worker reads
+# its next knee on (measurements: benchmarks/README.md, ninth session).
 OMP_WAIT_POLICY = "PASSIVE"
 
 

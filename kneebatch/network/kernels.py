@@ -68,10 +68,9 @@ def conv_relu_maxpool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       dilation: tuple[int, ...], pool: tuple[tuple[int, ...], ...], *,
                       memory_format: torch.memory_format) -> torch.Tensor:
     """``max_pool3d(relu(conv3d(x)))``, ``pool`` being the pool's kernel size, stride, padding and
-    dilation. Through oneDNN when switched on for float32 (and native bfloat16: 12-17% faster
-    there than torch's pool, AVX512-BF16 EPYC), its blocked tensors end to end (only the pooled
-    output is converted; returned contiguous); else with torch's pool on the convolution's output
-    in ``memory_format``."""
+    dilation. Through oneDNN when switched on for a dtype it runs here (``DTYPES``), its blocked
+    tensors end to end (only the pooled output is converted; returned contiguous); else with
+    torch's pool on the convolution's output in ``memory_format``."""
     global _BLOCKED
     kernel, pool_stride, pool_padding, pool_dilation = pool
     if _ON.get() and x.dtype in DTYPES and x.device.type == "cpu":
