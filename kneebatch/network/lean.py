@@ -41,6 +41,7 @@ _LAYOUT: contextvars.ContextVar[torch.memory_format] = contextvars.ContextVar(
 _POOL_FIRST: contextvars.ContextVar[bool] = contextvars.ContextVar("kneebatch_pool_first",
                                                                    default=True)
 _POOL_FIRST_RUNS = 0  # transitions run pool-first in this process (tests: the fast path ran)
+_CLAMPED_TRANSITIONS = 0  # transitions run with norm + relu as one clamp (tests: the same)
 
 
 @contextlib.contextmanager
@@ -60,6 +61,11 @@ def lean_forward(on: bool, memory_format: torch.memory_format = torch.channels_l
 def pool_first_runs() -> int:
     """How many transitions this process has run pool-first."""
     return _POOL_FIRST_RUNS
+
+
+def clamped_transition_runs() -> int:
+    """How many transitions this process has run with their norm and relu as one clamp."""
+    return _CLAMPED_TRANSITIONS
 
 
 def average_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -118,11 +124,27 @@ def _bottleneck_fold(layer: nn.Module) -> dict[str, torch.Tensor]:
     conv1, norm1, norm2 = (layer.get_submodule(name) for name in ("conv1", "norm1", "norm2"))
     assert isinstance(conv1, nn.Conv3d) and isinstance(norm1, nn.BatchNorm3d)
     assert isinstance(norm2, nn.BatchNorm3d)
-    assert norm1.running_var is not None and norm1.running_mean is not None
-    weight, bias = _fold(conv1, norm2)
-    var, mean = norm1.running_var.double(), norm1.running_mean.double()
-    scale = torch.rsqrt(var + norm1.eps) * (1 if norm1.weight is None else norm1.weight.double())
-    shift = -mean * scale + (0 if norm1.bias is None else norm1.bias.double())
+    return _clamp_fold(norm1, *_fold(conv1, norm2))
+
+
+@torch.no_grad()
+def _transition_fold(transition: nn.Module) -> dict[str, torch.Tensor]:
+    global _FOLDS
+    _FOLDS += 1
+    norm, conv = transition.get_submodule("norm"), transition.get_submodule("conv")
+    assert isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d)
+    return _clamp_fold(norm, conv.weight, conv.bias if conv.bias is not None
+                       else torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+
+
+def _clamp_fold(norm: nn.BatchNorm3d, weight: torch.Tensor,
+                bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``conv(relu(norm(x)))`` (the convolution ``weight``, ``bias``; 1x1x1) as ``clamp(x, low,
+    high)`` and one convolution: the buffers ``BOTTLENECK_BUFFERS``."""
+    assert norm.running_var is not None and norm.running_mean is not None
+    var, mean = norm.running_var.double(), norm.running_mean.double()
+    scale = torch.rsqrt(var + norm.eps) * (1 if norm.weight is None else norm.weight.double())
+    shift = -mean * scale + (0 if norm.bias is None else norm.bias.double())
     # relu(scale * x + shift) == scale * clamp(x, low, high) + shift: the clamp cuts where the
     # ReLU does (from below where scale > 0, from above where scale < 0); a channel whose cut
     # lies beyond any input (scale 0, or nearly) is the constant relu(shift)
@@ -154,9 +176,11 @@ BOTTLENECK_BUFFERS = ("lean_weight", "lean_bias", "clamp_low", "clamp_high")
 
 
 def keep_bottleneck_fold(layer: nn.Module) -> None:
-    """Compute ``bottleneck_fold`` of ``layer`` now and keep it on ``layer`` as buffers (not in
-    the state dict; they follow ``.to()`` of the network, memory format and dtype included)."""
-    for name, tensor in _bottleneck_fold(layer).items():
+    """Compute ``bottleneck_fold`` of ``layer`` (a dense layer, or a transition's norm, relu and
+    conv) now and keep it on ``layer`` as buffers (not in the state dict; they follow ``.to()``
+    of the network, memory format and dtype included)."""
+    fold = _transition_fold if isinstance(layer, Transition) else _bottleneck_fold
+    for name, tensor in fold(layer).items():
         layer.register_buffer(name, tensor, persistent=False)
 
 
@@ -304,12 +328,10 @@ def _replicate_ends(x: torch.Tensor, axis: int, front: int, back: int | None = N
     ``axis`` with the entries next to them (replicate padding, in place)."""
     back = front if back is None else back
     size = x.shape[axis]
-    if front:
-        x.narrow(axis, 0, front).copy_(x.narrow(axis, front, 1).expand_as(
-            x.narrow(axis, 0, front)))
+    if front:  # copy_ broadcasts the edge row
+        x.narrow(axis, 0, front).copy_(x.narrow(axis, front, 1))
     if back:
-        x.narrow(axis, size - back, back).copy_(x.narrow(axis, size - back - 1, 1).expand_as(
-            x.narrow(axis, size - back, back)))
+        x.narrow(axis, size - back, back).copy_(x.narrow(axis, size - back - 1, 1))
 
 
 class LeanTransition(Transition):
@@ -318,7 +340,9 @@ class LeanTransition(Transition):
 
     Pool first: a 1x1x1 convolution and an average pool commute (both linear, the pool's
     weights sum to one, so the bias passes unchanged), so pooling before the convolution gives
-    the same tensor with an eighth of the convolution's work.
+    the same tensor with an eighth of the convolution's work. norm and relu are one clamp, their
+    scale and shift folded into the convolution at load (``keep_bottleneck_fold``, as a dense
+    layer's): one pass over the input instead of two.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -336,12 +360,22 @@ class LeanTransition(Transition):
         global _POOL_FIRST_RUNS
         pool_first = _POOL_FIRST.get() and isinstance(self.pool, nn.AvgPool3d)
         _POOL_FIRST_RUNS += pool_first
+        kept = [getattr(self, name, None) for name in BOTTLENECK_BUFFERS]
+        folded = [t for t in kept if isinstance(t, torch.Tensor)]  # make_lean's, if it ran
+        global _CLAMPED_TRANSITIONS
+        _CLAMPED_TRANSITIONS += len(folded) == len(kept)
         out: torch.Tensor | None = None
         for d0 in range(0, usable, rows):
             d1 = min(usable, d0 + rows)
-            part = self.relu(self.norm(input[:, :, d0:d1]))
-            part = (self.conv(average_pool2(part)) if pool_first
-                    else self.pool(self.conv(part)))
+            if len(folded) == len(kept):  # norm + relu as one clamp
+                weight, bias, low, high = folded
+                part = torch.clamp(input[:, :, d0:d1], low, high)
+                part = (conv3d(average_pool2(part), weight, bias) if pool_first
+                        else self.pool(conv3d(part, weight, bias)))
+            else:
+                part = self.relu(self.norm(input[:, :, d0:d1]))
+                part = (self.conv(average_pool2(part)) if pool_first
+                        else self.pool(self.conv(part)))
             if out is None:
                 out = torch.empty((n, part.shape[1], usable // 2, *part.shape[3:]),
                                   dtype=part.dtype, memory_format=_LAYOUT.get())
@@ -362,6 +396,7 @@ def make_lean(features: nn.Module) -> nn.Module:
                 keep_bottleneck_fold(layer)
         elif type(module) is Transition:
             module.__class__ = LeanTransition
+            keep_bottleneck_fold(module)
     conv0, norm0 = getattr(features, "conv0", None), getattr(features, "norm0", None)
     if isinstance(conv0, nn.Conv3d) and isinstance(norm0, nn.BatchNorm3d):
         fold_once(conv0, norm0)

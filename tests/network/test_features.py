@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kneebatch.network import features as features_module
 from kneebatch.network import kernels
 from kneebatch.network.features import extract_features, pool
 from kneebatch.network.model import load_model
@@ -31,6 +32,33 @@ def test_region_pooling_by_hand() -> None:
     expected = sum(weights[k] * values[k] for k in weights) / sum(weights.values())
     got = pool(out, region)[0].numpy()
     np.testing.assert_allclose(got, [expected, expected + 10], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "grid", "slab_voxels"), [
+    ((23, 17, 29), (3, 2, 4), 1 << 21),  # bins of uneven, overlapping sizes
+    ((23, 17, 29), (23, 17, 29), 17 * 29 * 2),  # one voxel per bin; the mask in 12 slabs
+    ((9, 10, 11), (1, 1, 1), 10 * 11),  # the whole mask into one bin, a plane per slab
+], ids=["uneven-bins", "identity-slabs", "one-bin"])
+def test_region_weights_are_torchs_adaptive_average(
+        monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int, int], grid: tuple[int, int, int],
+        slab_voxels: int) -> None:
+    """Issue 23: the region averaged down to a layer's grid axis by axis, the mask made float32
+    a slab at a time, is ``adaptive_avg_pool3d`` of the whole mask."""
+    monkeypatch.setattr(features_module, "SEPARABLE_SLAB_VOXELS", slab_voxels)
+    region = torch.from_numpy(np.random.default_rng(3).random(shape) > 0.6)[None, None]
+    expected = torch.nn.functional.adaptive_avg_pool3d(region.to(torch.float32), grid)
+    torch.testing.assert_close(features_module.region_weight(region, grid),
+                               expected.flatten(1), rtol=0, atol=1e-6)
+
+
+def test_region_pooling_averages_the_region_down_once_per_hooked_layer(model_path: Path) -> None:
+    network = load_model(model_path).network
+    volume = np.random.default_rng(2).random((40, 36, 44), dtype=np.float32)
+    region = np.zeros(volume.shape, dtype=bool)
+    region[5:30, 4:30, 10:40] = True
+    before = features_module.separable_weight_runs()
+    extract_features(network, volume, ("denseblock2", "denseblock4"), region=region)
+    assert features_module.separable_weight_runs() - before == 2
 
 
 def test_region_pooling_ignores_what_lies_outside_the_region(model_path: Path) -> None:

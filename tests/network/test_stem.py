@@ -139,6 +139,35 @@ def test_a_dense_layers_norm1_and_relu1_are_one_clamp_before_its_folded_conv1(
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
 
 
+def test_a_transitions_norm_and_relu_are_one_clamp_before_its_folded_conv(
+        network: torch.nn.Sequential) -> None:
+    """Issue 23: a transition's norm and relu as one clamp, their scale and shift folded into its
+    1x1x1 convolution (one pass over its input instead of two), whatever the sign of the norm's
+    scale; the lean forward ran it and gives the plain forward's numbers."""
+    transition = copy.deepcopy(network.transition1)
+    channels = transition.norm.num_features
+    with torch.no_grad():
+        gamma = torch.tensor([1.0, -1.0, 0.0, 1e-38, -1e-38, 0.3, -2.0, 5.0])
+        transition.norm.weight.copy_(gamma.repeat(channels // 8))
+        transition.norm.bias.copy_(torch.linspace(-1, 1, channels))
+    lean.keep_bottleneck_fold(transition)
+    x = torch.randn(1, channels, 6, 7, 8, generator=torch.Generator().manual_seed(5)) * 3
+    before = lean.clamped_transition_runs()
+    with torch.inference_mode(), lean.lean_forward(True, torch.contiguous_format):
+        got = transition(x)
+        expected = transition.pool(transition.conv(transition.relu(transition.norm(x.clone()))))
+    assert lean.clamped_transition_runs() - before == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    volume = np.random.default_rng(8).random(size=(34, 36, 38)).astype(np.float32)
+    before = lean.clamped_transition_runs()
+    fast, _ = extract_features(network, volume, LAYERS, ForwardOptions())
+    assert lean.clamped_transition_runs() - before == 3  # every transition of the loaded model
+    plain, _ = extract_features(network, volume, LAYERS, ForwardOptions.plain())
+    assert lean.clamped_transition_runs() - before == 3  # the plain path: torch's norm and relu
+    for layer in LAYERS:
+        np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
+
+
 def test_batchnorm_is_folded_once_at_load_not_in_every_forward(network: torch.nn.Sequential) -> None:
     folds = lean.folds_computed()
     volume = np.random.default_rng(4).random(size=(34, 36, 38)).astype(np.float32)
