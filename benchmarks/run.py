@@ -246,6 +246,10 @@ RUNS = {  # name: (flags, compete, env): layouts and switches of the whole `knee
     # kneebatch sets OMP_WAIT_POLICY=PASSIVE unless the user set it; set empty it is libgomp's
     # own default (spin a while, then sleep), kneebatch's default until the ninth session
     "OMP_WAIT_POLICY libgomp's default (spinning)": ((), False, {"OMP_WAIT_POLICY": ""}),
+    # kneebatch gives every thread glibc's main heap (MALLOC_ARENA_MAX=1) unless the user set
+    # it; glibc's own default is 8 arenas per core (each reader thread its own)
+    "MALLOC_ARENA_MAX glibc's default (an arena per thread)": (
+        (), False, {"MALLOC_ARENA_MAX": str(8 * (os.cpu_count() or 1))}),
     "defaults, another process busy on one core": ((), True, {}),
     "same, OMP_WAIT_POLICY libgomp's default (spinning)": ((), True, {"OMP_WAIT_POLICY": ""}),
 }

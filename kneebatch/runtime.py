@@ -14,6 +14,11 @@ log = logging.getLogger(__name__)
 # value wins, an empty one is OpenMP's default): spinning threads took the core the worker reads
 # its next knee on (measurements: benchmarks/README.md, ninth session).
 OMP_WAIT_POLICY = "PASSIVE"
+# Every thread allocates from glibc's main heap (set before the process starts, or by
+# ``one_malloc_arena`` before its second thread allocates; a user's own value wins). Otherwise a
+# thread that reads a knee gets an arena of its own, which cannot hold a CT of over 64 MB: each
+# read mapped and faulted in 200 MB anew (50k page faults, 0.05-0.25 s of kernel time per CT).
+MALLOC_ARENA_MAX = "1"
 
 
 def usable_cpus() -> int:
@@ -59,6 +64,29 @@ def tune_malloc(mode: str | None = None) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return all(libc.mallopt(option, value) for option, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
+_M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> bool:
+    """Make every thread this process starts from now on allocate from glibc's main heap
+    (``MALLOC_ARENA_MAX``), unless ``MALLOC_ARENA_MAX`` is set in the environment (glibc applied
+    it at start) or ``KNEEBATCH_MALLOC=off``. Only threads without an arena yet are affected.
+
+    Returns:
+        True if the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_ARENA_MAX" in os.environ or os.environ.get("KNEEBATCH_MALLOC") == "off":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, int(MALLOC_ARENA_MAX)))
     except (OSError, AttributeError):
         return False
 
@@ -113,6 +141,7 @@ def configure_compute(threads: int, *, malloc: bool = True) -> None:
     import torch
 
     if malloc:
+        one_malloc_arena()
         tune_malloc()
     threads = max(1, threads)
     if torch.get_num_threads() != threads:

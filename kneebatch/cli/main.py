@@ -15,7 +15,7 @@ from kneebatch import __version__
 from kneebatch.cli import knee, prepare, results, run, validate
 from kneebatch.cli.options import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE, REPORT
 from kneebatch.errors import KneebatchError
-from kneebatch.runtime import OMP_WAIT_POLICY
+from kneebatch.runtime import MALLOC_ARENA_MAX, OMP_WAIT_POLICY, one_malloc_arena
 
 log = logging.getLogger("kneebatch")
 
@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (resumable).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before torch is imported
+    one_malloc_arena()  # before any other thread: this process's reader threads share its heap
+    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)  # its worker processes' too
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is not None:

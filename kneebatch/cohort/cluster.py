@@ -26,7 +26,7 @@ from distributed import Client, LocalCluster
 from kneebatch.cohort.credentials import TlsFiles, write_credentials
 from kneebatch.errors import ConfigError
 from kneebatch.extract.memory import BASE_BYTES, gib
-from kneebatch.runtime import OMP_WAIT_POLICY, usable_cpus
+from kneebatch.runtime import MALLOC_ARENA_MAX, OMP_WAIT_POLICY, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def slurm_cluster(opts: SlurmOptions, threads: int, tls: TlsFiles | None = None)
         job_script_prologue=[*(_site("job-script-prologue") or []), *opts.prologue,
                              f"export OMP_NUM_THREADS={threads}",
                              f"export OMP_WAIT_POLICY=${{OMP_WAIT_POLICY-{OMP_WAIT_POLICY}}}",
+                             f"export MALLOC_ARENA_MAX=${{MALLOC_ARENA_MAX-{MALLOC_ARENA_MAX}}}",
                              "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False",
                              f"{shlex.quote(sys.executable)} -m kneebatch info"],
         log_directory=opts.log_dir,
@@ -365,6 +366,7 @@ def local_cluster(workers: int, threads: int, memory_bytes: int, *, dashboard: b
 
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY),
+           "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX),
            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "error")}
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the worker processes
     try:

@@ -34,3 +34,4 @@ def test_without_site_settings_our_defaults_apply(capsys: pytest.CaptureFixture[
     script = _script(capsys)
     assert "--cpus-per-task=8" in script and "--mem=30G" in script and "-t 04:00:00" in script
     assert "export OMP_WAIT_POLICY=${OMP_WAIT_POLICY-PASSIVE}" in script
+    assert "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-1}" in script

@@ -201,24 +201,26 @@ def test_a_worker_reads_its_next_subject_while_one_computes(
     from kneebatch.cohort.cluster import local_cluster
     from kneebatch.cohort.run import run_cohort
 
-    def stats() -> tuple[int, int, str | None]:  # runs in the worker: its own module state
+    def stats() -> tuple[int, int, str | None, str | None]:  # runs in the worker
         import os
 
         from kneebatch import runtime
         from kneebatch.network import cache
 
         return (runtime.SUBJECTS_IN_PROGRESS.peak, cache.model_loads(),
-                os.environ.get("OMP_WAIT_POLICY"))
+                os.environ.get("OMP_WAIT_POLICY"), os.environ.get("MALLOC_ARENA_MAX"))
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     specs = [s for s in read_manifest(cohort) if s.subject_id != "broken"]
     with local_cluster(1, 1, 4 * 1024**3, subjects=subjects) as cluster, \
             Client(cluster) as client:
         summary = run_cohort(specs, tmp_path / "out", model_path, client=client)
-        (peak, loads, wait_policy), = client.run(stats).values()
+        (peak, loads, wait_policy, arenas), = client.run(stats).values()
     assert summary.ok == 4
     assert (peak, loads) == (subjects, 1)  # two subjects held at once, one model loaded
     assert wait_policy == "PASSIVE"  # OpenMP threads that wait sleep (a user's value would win)
+    assert arenas == "1"  # the reader thread allocates from the worker's heap (test_runtime.py)
 
 
 def test_shards_split_the_cohort(cohort: Path) -> None:
