@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ def usable_cpus() -> int:
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+
+
+def _libc() -> Any:
+    """glibc, for ``mallopt`` and ``malloc_trim`` (raises ``OSError`` where there is no C
+    library to load; callers also catch the ``AttributeError`` of a libc without them)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 MALLOC_MODES = ("heap", "pad", "off")
 
 
@@ -52,9 +62,6 @@ def tune_malloc(mode: str | None = None) -> bool:
     Returns:
         True if the settings were applied (glibc's ``mallopt`` found and the mode not ``off``).
     """
-    import ctypes
-    import ctypes.util
-
     mode = mode or os.environ.get("KNEEBATCH_MALLOC", "heap")
     if mode not in MALLOC_MODES or mode == "off":
         return False
@@ -62,7 +69,7 @@ def tune_malloc(mode: str | None = None) -> bool:
                 "heap": [(_M_MMAP_MAX, 0), (_M_TOP_PAD, 512 * 1024**2),
                          (_M_TRIM_THRESHOLD, 2 * 1024**3)]}[mode]
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         return all(libc.mallopt(option, value) for option, value in settings)
     except (OSError, AttributeError):
         return False
@@ -79,14 +86,10 @@ def one_malloc_arena() -> bool:
     Returns:
         True if the setting was applied.
     """
-    import ctypes
-    import ctypes.util
-
     if "MALLOC_ARENA_MAX" in os.environ or os.environ.get("KNEEBATCH_MALLOC") == "off":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, int(MALLOC_ARENA_MAX)))
+        return bool(_libc().mallopt(_M_ARENA_MAX, int(MALLOC_ARENA_MAX)))
     except (OSError, AttributeError):
         return False
 
@@ -98,13 +101,10 @@ def release_memory() -> None:
     """Give the heap's free pages back to the kernel (glibc ``malloc_trim``): called before a
     large region's forward pass, so the pages the previous region's forward kept do not stack up
     on the next one's peak."""
-    import ctypes
-    import ctypes.util
-
     global _RELEASES
     _RELEASES += 1
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 def memory_releases() -> int:
