@@ -119,17 +119,24 @@ def test_the_fast_path_runs_and_gives_the_plain_numbers(
         np.testing.assert_allclose(fast[layer], plain[layer], rtol=0, atol=1e-5)
 
 
+def _scales_of_every_sign(norm: torch.nn.BatchNorm3d) -> int:
+    """Give ``norm`` scales positive, negative, zero and too small for any input to cross the
+    ReLU's cut, and shifts from -1 to 1 (in place); returns its channels."""
+    channels = norm.num_features
+    with torch.no_grad():
+        gamma = torch.tensor([1.0, -1.0, 0.0, 1e-38, -1e-38, 0.3, -2.0, 5.0])
+        norm.weight.copy_(gamma.repeat(channels // 8))
+        norm.bias.copy_(torch.linspace(-1, 1, channels))
+    return channels
+
+
 def test_a_dense_layers_norm1_and_relu1_are_one_clamp_before_its_folded_conv1(
         network: torch.nn.Sequential) -> None:
     """relu(norm1(x)) into conv1 and norm2 is clamp(x, low, high) into one convolution, whatever
     the sign of norm1's scale: positive, negative, zero, or too small for any input to cross the
     ReLU's cut."""
     layer = network.denseblock1.denselayer2
-    channels = layer.norm1.num_features
-    with torch.no_grad():
-        gamma = torch.tensor([1.0, -1.0, 0.0, 1e-38, -1e-38, 0.3, -2.0, 5.0])
-        layer.norm1.weight.copy_(gamma.repeat(channels // 8))
-        layer.norm1.bias.copy_(torch.linspace(-1, 1, channels))
+    channels = _scales_of_every_sign(layer.norm1)
     lean.keep_bottleneck_fold(layer)
     x = torch.randn(1, channels, 5, 6, 7, generator=torch.Generator().manual_seed(3)) * 3
     with torch.inference_mode():
@@ -145,11 +152,7 @@ def test_a_transitions_norm_and_relu_are_one_clamp_before_its_folded_conv(
     1x1x1 convolution (one pass over its input instead of two), whatever the sign of the norm's
     scale; the lean forward ran it and gives the plain forward's numbers."""
     transition = copy.deepcopy(network.transition1)
-    channels = transition.norm.num_features
-    with torch.no_grad():
-        gamma = torch.tensor([1.0, -1.0, 0.0, 1e-38, -1e-38, 0.3, -2.0, 5.0])
-        transition.norm.weight.copy_(gamma.repeat(channels // 8))
-        transition.norm.bias.copy_(torch.linspace(-1, 1, channels))
+    channels = _scales_of_every_sign(transition.norm)
     lean.keep_bottleneck_fold(transition)
     x = torch.randn(1, channels, 6, 7, 8, generator=torch.Generator().manual_seed(5)) * 3
     before = lean.clamped_transition_runs()
